@@ -8,8 +8,18 @@ Glossary:
     task: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), with its label names and metric.
 """
 
+from rsoft_nlp.patching import load_model, patch_model, patched_layers, record_sparsity, unpatch_model
 from rsoft_nlp.rsoftmax import RSoftmax, r_softmax, t_softmax
 
 __version__ = "0.1.0"
 
-__all__ = ["RSoftmax", "r_softmax", "t_softmax"]
+__all__ = [
+    "RSoftmax",
+    "load_model",
+    "patch_model",
+    "patched_layers",
+    "r_softmax",
+    "record_sparsity",
+    "t_softmax",
+    "unpatch_model",
+]
