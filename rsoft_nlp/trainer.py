@@ -129,7 +129,7 @@ def _evaluate(model, dataloader, accelerator: Accelerator, task: GlueTask) -> tu
     return metrics, sparsity
 
 
-def _eval_prefix(task: GlueTask, split: str) -> str:
+def _eval_prefix(split: str) -> str:
     # MNLI follows the usual convention: matched under eval_*, mismatched under eval_*_mm.
     return "eval_" if split in ("validation", "validation_matched") else "eval_mm_"
 
@@ -301,7 +301,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> dic
         sparsity = {}
         for split, loader in eval_loaders.items():
             metrics, sparsity_split = _evaluate(model, loader, accelerator, task)
-            prefix = _eval_prefix(task, split)
+            prefix = _eval_prefix(split)
             epoch_metrics.update({f"{prefix}{key}": value for key, value in metrics.items()})
             sparsity = sparsity or sparsity_split
         if sparsity:
@@ -327,7 +327,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None) -> dic
         "train_loss": sum(h["train_loss"] for h in history) / len(history),
         "train_samples": len(encoded["train"]),
         "train_runtime": round(train_runtime, 3),
-        "train_samples_per_second": round(len(encoded["train"]) * min(cfg.epochs, epochs) / train_runtime, 3),
+        "train_samples_per_second": round(len(encoded["train"]) * cfg.epochs / train_runtime, 3),
         **{k: v for k, v in history[-1].items() if k.startswith("eval_")},
         "attention_sparsity": sparsity or None,
         "history": history,
