@@ -9,6 +9,7 @@ the split has no labels) and ``idx``. Splits are ``train``, ``validation`` and `
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,12 +137,21 @@ def _features(task: GlueTask) -> datasets.Features:
     return datasets.Features({**columns, "label": label, "idx": datasets.Value("int64")})
 
 
-def _label_id(task: GlueTask, raw: str | int | float | None, where: str) -> int | float:
-    """Maps a raw label (a class name, a class id as text or number, or a score) to the schema's label."""
-    if raw is None or (isinstance(raw, str) and raw.strip() in ("", "-")):
+def _label_id(task: GlueTask, raw: str | int | float | None, where: str, required: bool) -> int | float:
+    """Maps a raw label (a class name, a class id as text or number, or a score) to the schema's label.
+
+    A missing label is -1, allowed only where ``required`` is False (unlabelled test splits).
+    """
+    missing = raw is None or (isinstance(raw, float) and math.isnan(raw)) or (isinstance(raw, str) and not raw.strip())
+    if missing:
+        if required:
+            raise ValueError(f"{where}: label is missing; every training and evaluation example needs one")
         return -1.0 if task.is_regression else -1
     if task.is_regression:
-        return float(raw)
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: label must be a number (a similarity score), got {raw!r}") from None
     if isinstance(raw, str):
         raw = raw.strip()
         if raw in task.label_names:
@@ -149,11 +159,12 @@ def _label_id(task: GlueTask, raw: str | int | float | None, where: str) -> int 
     try:
         label = int(raw)
     except (TypeError, ValueError):
+        label = None
+    if label is None or not 0 <= label < task.num_labels:
         raise ValueError(
-            f"{where}: label must be one of {list(task.label_names)} or a class id, got {raw!r}"
-        ) from None
-    if not -1 <= label < task.num_labels:
-        raise ValueError(f"{where}: label id must lie in [0, {task.num_labels - 1}], got {label}")
+            f"{where}: label must be one of {list(task.label_names)} or a class id in [0, {task.num_labels - 1}], "
+            f"got {raw!r}"
+        )
     return label
 
 
@@ -188,7 +199,8 @@ def _read_tsv(path: Path, task: GlueTask, split: str) -> dict[str, list]:
         for name, index in text_index.items():
             data[name].append(fields[index])
         raw = fields[label_index] if label_index is not None else None
-        data["label"].append(_label_id(task, raw, f"{path} line {number + 2 - headerless}"))
+        where = f"{path} line {number + 2 - headerless}"
+        data["label"].append(_label_id(task, raw, where, required=not split.startswith("test")))
         data["idx"].append(int(fields[id_index]) if id_index is not None else number)
     if skipped:
         logger.warning("%s: skipped %d malformed row(s)", path, skipped)
@@ -219,11 +231,27 @@ def load_glue_tsv(task: GlueTask | str, data_dir: str | os.PathLike) -> datasets
     return datasets.DatasetDict(splits)
 
 
+def _read_table(path: str, split: str) -> dict[str, list]:
+    """Reads a CSV, TSV or JSON (lines) file into columns; TSV is read with quoting off, as GLUE's files need."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in ("csv", "tsv", "json", "jsonl"):
+        raise ValueError(f"`--{split}-file` must be a .csv, .tsv, .json or .jsonl file, got {path!r}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"`--{split}-file` must be an existing file, got {path!r}")
+    if suffix == "tsv":
+        header, *rows = Path(path).read_text(encoding="utf-8-sig").splitlines()
+        names = header.split("\t")
+        rows = [row.split("\t") for row in rows if row.strip()]
+        return {name: [row[i] if i < len(row) else None for row in rows] for i, name in enumerate(names)}
+    builder = "csv" if suffix == "csv" else "json"
+    return datasets.load_dataset(builder, data_files={split: path}, split=split).to_dict()
+
+
 def load_glue_files(task: GlueTask | str, files: dict[str, str]) -> datasets.DatasetDict:
-    """Loads a task from local CSV or JSON (lines) files, one per split.
+    """Loads a task from local CSV, TSV or JSON (lines) files, one per split.
 
     The files need the task's text columns (as named on the Hub) and a ``label`` column holding class names, class
-    ids or, for STS-B, scores; an ``idx`` column is optional.
+    ids or, for STS-B, scores; an ``idx`` column is optional. Only ``test`` files may leave labels out.
 
     Args:
         task: The task.
@@ -232,23 +260,16 @@ def load_glue_files(task: GlueTask | str, files: dict[str, str]) -> datasets.Dat
     task = get_task(task) if isinstance(task, str) else task
     splits = {}
     for split, path in files.items():
-        suffix = Path(path).suffix.lower().lstrip(".")
-        builder = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json"}.get(suffix)
-        if builder is None:
-            raise ValueError(f"`--{split}-file` must be a .csv, .tsv, .json or .jsonl file, got {path!r}")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"`--{split}-file` must be an existing file, got {path!r}")
-        kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
-        raw = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
-        missing = [column for column in task.text_columns if column not in raw.column_names]
+        raw = _read_table(path, split)
+        size = len(next(iter(raw.values()), []))
+        missing = [column for column in task.text_columns if column not in raw]
         if missing:
-            raise ValueError(
-                f"{path}: expected text column(s) {missing} for task {task.name!r}, found {raw.column_names}"
-            )
-        labels = raw["label"] if "label" in raw.column_names else [None] * len(raw)
-        data = {column: [str(text) for text in raw[column]] for column in task.text_columns}
-        data["label"] = [_label_id(task, label, f"{path} row {i}") for i, label in enumerate(labels)]
-        data["idx"] = raw["idx"] if "idx" in raw.column_names else list(range(len(raw)))
+            raise ValueError(f"{path}: expected text column(s) {missing} for task {task.name!r}, found {list(raw)}")
+        labels = raw.get("label", [None] * size)
+        required = not split.startswith("test")
+        data = {column: ["" if text is None else str(text) for text in raw[column]] for column in task.text_columns}
+        data["label"] = [_label_id(task, label, f"{path} row {i + 1}", required) for i, label in enumerate(labels)]
+        data["idx"] = [int(i) for i in raw["idx"]] if "idx" in raw else list(range(size))
         splits[split] = datasets.Dataset.from_dict(data, features=_features(task))
     return datasets.DatasetDict(splits)
 

@@ -106,7 +106,8 @@ def _shifted_scores(scores: Tensor) -> tuple[Tensor, Tensor]:
 def _normalise(weighted: Tensor) -> Tensor:
     total = weighted.sum(dim=-1, keepdim=True)
     # NOTE: a fully masked row has total 0; it gets all-zero probabilities (and zero gradients) instead of NaN.
-    return weighted / torch.where(total > 0, total, torch.ones_like(total))
+    # A NaN total (NaN among the scores) stays NaN, as softmax would give.
+    return weighted / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def _t_softmax_last(scores: Tensor, t: Tensor) -> Tensor:

@@ -135,3 +135,30 @@ def test_hub_source_normalises_to_the_schema(monkeypatch):
     assert set(data) == {"train", "validation", "test"}
     assert data["train"].features == glue._features(get_task("mrpc"))
     assert data["train"][0] == {"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}
+
+
+def test_missing_labels_are_refused_outside_test_files(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("sentence1,sentence2,label\na,b,1\nc,,\n")
+    with pytest.raises(ValueError, match="train.csv row 2: label is missing"):
+        load_glue_files("mrpc", {"train": str(path)})
+    test = load_glue_files("mrpc", {"test": str(path)})["test"]
+    assert test["label"] == [1, -1] and test["sentence2"] == ["b", ""]
+
+    scores = tmp_path / "train.tsv"
+    scores.write_text("sentence1\tsentence2\tlabel\na\tb\t3.2\nc\td\t\n")
+    with pytest.raises(ValueError, match="row 2: label is missing"):
+        load_glue_files("stsb", {"train": str(scores)})
+    with pytest.raises(ValueError, match="class id in \\[0, 1\\], got -1"):
+        load_glue_files("mrpc", {"train": _write(tmp_path / "bad.csv", "sentence1,sentence2,label\na,b,-1\n")})
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_tsv_files_are_read_with_quoting_off(tmp_path):
+    path = _write(tmp_path / "train.tsv", 'sentence1\tsentence2\tlabel\n"Hi there\tB\t1\nA2\t"B2"\t0\n')
+    data = load_glue_files("mrpc", {"train": path})["train"]
+    assert data["sentence1"] == ['"Hi there', "A2"] and data["sentence2"] == ["B", '"B2"'] and data["label"] == [1, 0]
