@@ -74,3 +74,39 @@ def offline(monkeypatch):
     from rsoft_nlp import hub
 
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+
+
+# Every encoder family the patcher covers, by transformers model type, and the load paths a family cannot take.
+PATCHED_FAMILIES = [
+    "bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert", "electra", "ernie", "data2vec-text",
+    "modernbert", "roc_bert", "xlm-roberta-xl", "roberta-prelayernorm", "xmod", "mobilebert", "layoutlm", "markuplm",
+    "esm", "gte", "nomic_bert", "eurobert", "jina_embeddings_v3", "ultrabert", "deberta", "deberta-v2", "mpnet",
+    "megatron-bert", "rembert",
+]  # fmt: skip
+NO_SDPA = {"markuplm", "deberta", "deberta-v2", "mpnet", "megatron-bert", "rembert"}
+
+
+def tiny_family_model(model_type: str, attn_implementation: str | None = None, **overrides):
+    """A tiny random sequence classifier of the family ``model_type`` (hidden 32, 2 layers, 4 heads, vocab 100)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    settings = dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    if model_type in ("modernbert", "eurobert", "rembert"):
+        # Their default special-token ids lie outside the tiny vocabulary.
+        settings.update(bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
+    if model_type == "xmod":
+        model.set_default_language("en_XX")
+    return model.eval()

@@ -9,8 +9,9 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+from transformers.masking_utils import AttentionMaskInterface
 
-from rsoft_nlp import patching
+from rsoft_nlp import attention, patching
 from rsoft_nlp.patching import load_model, patch_model, patched_layers, record_sparsity, unpatch_model
 
 
@@ -28,13 +29,13 @@ def tiny_model(family: str, attn_implementation=None):
 @pytest.fixture
 def count_calls(monkeypatch):
     calls = []
-    real = patching.r_softmax
+    real = attention.r_softmax
 
     def counting(scores, r, dim=-1):
         calls.append(scores.shape)
         return real(scores, r, dim=dim)
 
-    monkeypatch.setattr(patching, "r_softmax", counting)
+    monkeypatch.setattr(attention, "r_softmax", counting)
     return calls
 
 
@@ -66,7 +67,7 @@ def test_every_layer_runs_r_softmax_and_gets_the_mask(family, load_path, count_c
 def test_unpatched_model_leaks_padding_without_the_mask_function(monkeypatch):
     """Guards the mask function: without it, transformers passes no mask to a custom attention function."""
     model = patch_model(tiny_model("bert"), r=0.5)
-    monkeypatch.delitem(patching.AttentionMaskInterface._global_mapping, patching.ATTN_IMPLEMENTATION)
+    monkeypatch.delitem(AttentionMaskInterface._global_mapping, patching.ATTN_IMPLEMENTATION)
     ids, mask = padded_batch()
     leaked = model(input_ids=ids, attention_mask=mask).logits[:1]
     alone = model(input_ids=ids[:1, :5]).logits
