@@ -183,6 +183,10 @@ def patch_model(
         "num_layers": len(modules),
         "original_attn_implementation": original,
     }
+    # NOTE: written to config.json as `attn_implementation`, so that loading the checkpoint with transformers alone
+    # fails with "rsoftmax is not supported" instead of silently running softmax; with this package imported,
+    # `from_pretrained` accepts it and the hook below restores the layers' rates.
+    model.config.attn_implementation = ATTN_IMPLEMENTATION
     logger.info("r-softmax in %d of %d attention layers: %s", len(chosen), len(modules), chosen)
     return model
 
@@ -203,6 +207,8 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
         if any(dispatches_through_registry(type(module)) for module in modules):
             model.set_attn_implementation(settings.get("original_attn_implementation") or "eager")
         del model.config.rsoftmax
+    if getattr(model.config, "attn_implementation", None) == ATTN_IMPLEMENTATION:
+        del model.config.attn_implementation
     return model
 
 

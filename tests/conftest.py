@@ -104,7 +104,8 @@ def tiny_family_model(model_type: str, attn_implementation: str | None = None, *
     if model_type in ("modernbert", "eurobert", "rembert"):
         # Their default special-token ids lie outside the tiny vocabulary.
         settings.update(bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, mask_token_id=4)
-    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
+    # An override of None leaves the setting out, for configs that refuse it.
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in {**settings, **overrides}.items() if v is not None})
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
     if model_type == "xmod":

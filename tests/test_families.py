@@ -110,3 +110,26 @@ def test_modernbert_sliding_window_keys_do_not_count_toward_r():
     kept = (local > 0).sum(-1)
     visible = window.sum(-1)
     assert (kept == visible - torch.ceil((visible - 1) * 0.5).long()).all()
+
+
+UNSUPPORTED = {
+    "convbert": {},
+    "squeezebert": {"embedding_size": 32, "intermediate_size": 32, "q_groups": 1, "k_groups": 1, "v_groups": 1},
+    "funnel": {"block_sizes": [1, 1], "num_hidden_layers": None, "d_model": 32, "n_head": 4, "d_head": 8},
+    "xlm": {"emb_dim": 32, "n_layers": 2, "n_heads": 4},
+    "flaubert": {"emb_dim": 32, "n_layers": 2, "n_heads": 4},
+    "luke": {"entity_vocab_size": 10, "entity_emb_size": 16},
+    "big_bird": {"attention_type": "block_sparse", "block_size": 2, "num_random_blocks": 1},
+    "longformer": {"attention_window": 4},
+    "nystromformer": {"num_landmarks": 4, "segment_means_seq_len": 8},
+    "yoso": {},
+    "mra": {},
+    "fnet": {},
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unsupported_family_is_refused_by_name(family):
+    model = tiny_family_model(family, **UNSUPPORTED[family])
+    with pytest.raises(NotImplementedError, match=f"\\({family}\\) is not supported: .*see the README's table"):
+        patch_model(model, r=0.2)

@@ -1,6 +1,9 @@
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import tiny_bert_config
+from conftest import tiny_bert_config, tiny_family_model
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
@@ -137,6 +140,33 @@ def test_save_and_load_restore_the_settings(tmp_path):
 
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert plain.config.rsoftmax["layers"] == [1, 2]
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert", "deberta-v2", "mpnet"])
+def test_plain_from_pretrained_restores_per_head_rates(family, tmp_path):
+    model = patch_model(tiny_family_model(family), r=torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]))
+    ids, mask = padded_batch()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+
+    for reloaded in (load_model(tmp_path), AutoModelForSequenceClassification.from_pretrained(tmp_path)):
+        assert patched_layers(reloaded.eval()) == patched_layers(model)
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
+
+    unpatch_model(model)
+    model.save_pretrained(tmp_path / "unpatched")
+    assert patched_layers(AutoModelForSequenceClassification.from_pretrained(tmp_path / "unpatched")) == {}
+
+
+def test_transformers_alone_refuses_a_patched_checkpoint(tmp_path):
+    """Without this package imported, loading fails loudly rather than running softmax."""
+    patch_model(tiny_model("bert"), r=0.4).save_pretrained(tmp_path)
+    code = (
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"try:\n    A.from_pretrained({str(tmp_path)!r})\nexcept ValueError as e:\n    print(e)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert 'attn_implementation="rsoftmax"` is not supported' in result.stdout
 
 
 def test_record_sparsity_counts_unmasked_keys_only():
