@@ -15,7 +15,14 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface
 
 from rsoft_nlp import attention, patching
-from rsoft_nlp.patching import load_model, patch_model, patched_layers, record_sparsity, unpatch_model
+from rsoft_nlp.patching import (
+    attention_stats,
+    load_model,
+    patch_model,
+    patched_layers,
+    record_sparsity,
+    unpatch_model,
+)
 
 
 def tiny_model(family: str, attn_implementation=None):
@@ -185,3 +192,19 @@ def test_decoder_models_are_found_too():
     config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     model = patch_model(GPT2LMHeadModel(config), r=0.5)
     assert patched_layers(model) == {0: 0.5, 1: 0.5}
+
+
+def test_attention_stats_reports_achieved_sparsity_beside_the_requested_rates():
+    model = patch_model(tiny_model("bert"), r=torch.tensor([[0.0, 0.3, 0.6, 0.9], [0.5] * 4]), layers=[0, 2])
+    ids, mask = padded_batch()
+    stats = attention_stats(model, {"input_ids": ids, "attention_mask": mask})
+
+    assert set(stats["layers"]) == {0, 2}
+    assert stats["layers"][0]["r"] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    heads = stats["layers"][0]["heads"]
+    # Rows of 5 and 9 unmasked keys: r = 0.9 keeps one key per row, r = 0 zeroes at most the smallest.
+    assert heads[3] == pytest.approx((5 * 4 + 9 * 8) / (5 * 5 + 9 * 9))
+    assert heads[0] <= 14 / 106 and heads[0] < heads[1] < heads[2] < heads[3]
+    assert 0 < stats["overall"] < 1 and stats["layers"][2]["achieved"] == pytest.approx(
+        sum(stats["layers"][2]["heads"]) / 4
+    )
