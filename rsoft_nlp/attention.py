@@ -139,6 +139,26 @@ def _self_attention_only(module: nn.Module, encoder_hidden_states, cache) -> Non
         )
 
 
+def _attend(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *terms: Tensor | None):
+    """Scaled dot-product attention with additive ``terms`` (biases, masks) through :func:`attention_probs`.
+
+    Args:
+        module: The attention module, with ``attention_head_size`` and ``dropout``.
+        query: ``(batch, heads, q_len, head_dim)``; ``key`` and ``value`` likewise with ``k_len``.
+        *terms: Additive terms broadcasting to ``(batch, heads, q_len, k_len)``; ``None`` ones are skipped.
+
+    Returns:
+        The merged heads ``(batch, q_len, heads * head_dim)`` and the probabilities ``(batch, heads, q_len, k_len)``.
+    """
+    # (batch, heads, q_len, k_len)
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(module.attention_head_size)
+    for term in terms:
+        if term is not None:
+            scores = scores + term
+    probs = module.dropout(attention_probs(module, scores))
+    return _merge_heads(torch.matmul(probs, value)), probs
+
+
 def _bert_style_forward(
     self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, output_attentions=False, **kw
 ):
@@ -147,13 +167,7 @@ def _bert_style_forward(
     query = _split_heads(self.query(hidden_states), self.attention_head_size)
     key = _split_heads(self.key(hidden_states), self.attention_head_size)
     value = _split_heads(self.value(hidden_states), self.attention_head_size)
-
-    # (batch, heads, q_len, k_len)
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = self.dropout(attention_probs(self, scores))
-    return _merge_heads(torch.matmul(probs, value)), probs
+    return _attend(self, query, key, value, attention_mask)
 
 
 def _mpnet_forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
@@ -161,15 +175,8 @@ def _mpnet_forward(self, hidden_states, attention_mask=None, position_bias=None,
     query = _split_heads(self.q(hidden_states), self.attention_head_size)
     key = _split_heads(self.k(hidden_states), self.attention_head_size)
     value = _split_heads(self.v(hidden_states), self.attention_head_size)
-
-    # (batch, heads, q_len, k_len)
-    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
-    if position_bias is not None:
-        scores = scores + position_bias
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = self.dropout(attention_probs(self, scores))
-    output = self.o(_merge_heads(torch.matmul(probs, value)))
+    context, probs = _attend(self, query, key, value, position_bias, attention_mask)
+    output = self.o(context)
     return (output, probs) if output_attentions else (output,)
 
 

@@ -2,33 +2,13 @@
 
 import pytest
 import torch
-from conftest import NO_SDPA, PATCHED_FAMILIES, tiny_family_model
+from conftest import NO_SDPA, PATCHED_FAMILIES, padded_batch, tiny_family_model
 
 from rsoft_nlp import attention
 from rsoft_nlp.attention import attention_modules
 from rsoft_nlp.patching import linear_schedule, patch_model, patched_layers, unpatch_model
 
 LOAD_PATHS = [None, "eager", "sdpa"]
-
-
-@pytest.fixture
-def count_calls(monkeypatch):
-    """Counts the calls of r-softmax in the single hook every attention path goes through."""
-    calls = []
-    real = attention.r_softmax
-
-    def counting(scores, r, dim=-1):
-        calls.append(scores.shape)
-        return real(scores, r, dim=dim)
-
-    monkeypatch.setattr(attention, "r_softmax", counting)
-    return calls
-
-
-def padded_batch():
-    # Sentence 0 is 5 tokens long; sentence 1 is 9, so sentence 0 gets 4 padding tokens (id 0).
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0, 0], [2, 13, 14, 15, 16, 17, 18, 19, 3]])
-    return ids, (ids != 0).long()
 
 
 def family_model(family, load_path=None, **overrides):

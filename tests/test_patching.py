@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_bert_config, tiny_family_model
+from conftest import padded_batch, tiny_bert_config, tiny_family_model
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
@@ -14,7 +14,7 @@ from transformers import (
 )
 from transformers.masking_utils import AttentionMaskInterface
 
-from rsoft_nlp import attention, patching
+from rsoft_nlp import patching
 from rsoft_nlp.patching import (
     attention_stats,
     load_model,
@@ -34,25 +34,6 @@ def tiny_model(family: str, attn_implementation=None):
         config._attn_implementation = attn_implementation
         model = RobertaForSequenceClassification(config)
     return model.eval()
-
-
-@pytest.fixture
-def count_calls(monkeypatch):
-    calls = []
-    real = attention.r_softmax
-
-    def counting(scores, r, dim=-1):
-        calls.append(scores.shape)
-        return real(scores, r, dim=dim)
-
-    monkeypatch.setattr(attention, "r_softmax", counting)
-    return calls
-
-
-def padded_batch():
-    # Sentence 0 is 5 tokens long; sentence 1 is 9, so sentence 0 gets 4 padding tokens.
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0, 0], [2, 13, 14, 15, 16, 17, 18, 19, 3]])
-    return ids, (ids != 0).long()
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])

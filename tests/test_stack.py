@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_family_model
+from conftest import padded_batch, tiny_family_model
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file
 
@@ -11,9 +11,9 @@ from rsoft_nlp.patching import patch_model, patched_layers
 TARGETS = {"bert": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "mpnet": ["q", "v"]}
 
 
-def padded_batch():
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0, 0], [2, 13, 14, 15, 16, 17, 18, 19, 3]])
-    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+def padded_inputs():
+    ids, mask = padded_batch()
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def lora(model, family):
@@ -30,7 +30,7 @@ def lora(model, family):
 @pytest.mark.parametrize("family", sorted(TARGETS))
 @pytest.mark.parametrize("order", ["patch-then-wrap", "wrap-then-patch"])
 def test_lora_keeps_r_softmax_saves_the_head_and_merges(family, order, tmp_path):
-    batch = padded_batch()
+    batch = padded_inputs()
     if order == "patch-then-wrap":
         model = lora(patch_model(tiny_family_model(family), r=0.5, layers=[-1]), family)
     else:
@@ -55,7 +55,7 @@ def test_lora_keeps_r_softmax_saves_the_head_and_merges(family, order, tmp_path)
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2", "distilbert", "modernbert"])
 def test_gradient_checkpointing_gives_the_same_logits_and_gradients(family):
-    batch = padded_batch()
+    batch = padded_inputs()
     labels = torch.tensor([0, 1])
     results = []
     for checkpointing in (False, True):
@@ -76,7 +76,7 @@ def test_gradient_checkpointing_gives_the_same_logits_and_gradients(family):
 
 def test_torch_compile_of_a_patched_model():
     model = patch_model(tiny_family_model("bert"), r=0.5)
-    batch = padded_batch()
+    batch = padded_inputs()
     expected = model(**batch).logits
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
     with torch.no_grad():
