@@ -211,6 +211,8 @@ def _deberta_forward(
     probs = self.dropout(attention_probs(self, _masked_scores(scores, attention_mask)))
     mixed = probs
     if self.head_weights_proj is not None:
+        # NOTE: talking-heads DeBERTa (off by default) mixes the heads' probabilities after r-softmax, so the mixed
+        # rows need not keep the exact zeros; `output_attentions` returns the r-softmax probabilities before mixing.
         # (batch, heads, q, k) -> (batch, q, k, heads) -> (batch, heads, q, k)
         mixed = self.head_weights_proj(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     return _merge_heads(torch.matmul(mixed, value)), (probs if output_attentions else None)
