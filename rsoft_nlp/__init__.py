@@ -8,13 +8,23 @@ Glossary:
     task: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), with its label names and metric.
 """
 
-from rsoft_nlp.patching import load_model, patch_model, patched_layers, record_sparsity, unpatch_model
+from rsoft_nlp.patching import (
+    attention_stats,
+    linear_schedule,
+    load_model,
+    patch_model,
+    patched_layers,
+    record_sparsity,
+    unpatch_model,
+)
 from rsoft_nlp.rsoftmax import RSoftmax, r_softmax, t_softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RSoftmax",
+    "attention_stats",
+    "linear_schedule",
     "load_model",
     "patch_model",
     "patched_layers",

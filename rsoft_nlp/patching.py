@@ -1,116 +1,55 @@
 """Swap the attention softmax of a transformers encoder for r-softmax.
 
-r-softmax is registered with transformers as the attention implementation ``"rsoftmax"``, together with a mask
-function of the same name, so that the padding mask reaches it as an additive float mask. :func:`patch_model` marks
-the chosen self-attention modules with their sparsity rate and switches the model to that implementation; attention
-modules that are not marked keep plain softmax.
+:func:`patch_model` marks the chosen self-attention modules with their sparsity rate; encoders that dispatch
+through transformers' attention registry are switched to the ``"rsoftmax"`` implementation, and the few that compute
+their softmax in their own code get an adapter forward (see :mod:`rsoft_nlp.attention`). Attention modules that are
+not marked keep plain softmax. The settings live in ``model.config.rsoftmax``, so ``config.json`` carries them; once
+this package is imported, ``from_pretrained`` of any transformers model restores them.
 
 Example:
     >>> model = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
-    >>> patch_model(model, r=0.2)
+    >>> patch_model(model, r=linear_schedule(0.1, 0.5, 12))
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers import PreTrainedModel
 
-from rsoft_nlp.rsoftmax import r_softmax
+from rsoft_nlp.attention import (
+    ATTN_IMPLEMENTATION,
+    RATE_ATTR,
+    attention_modules,
+    bind_adapter,
+    dispatches_through_registry,
+    needs_adapter,
+    unbind_adapter,
+    unsupported_reason,
+)
+from rsoft_nlp.stats import SparsityStats, attention_stats, record_sparsity
 
 logger = logging.getLogger(__name__)
 
-ATTN_IMPLEMENTATION = "rsoftmax"
 CONFIG_KEY = "rsoftmax"
-_RATE_ATTR = "rsoftmax_r"
-_STATS_ATTR = "_rsoftmax_stats"
 
-__all__ = ["ATTN_IMPLEMENTATION", "attention_modules", "load_model", "patch_model", "patched_layers", "unpatch_model"]
-
-
-def rsoftmax_attention_forward(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[Tensor, Tensor]:
-    """Scaled dot-product attention with r-softmax on marked modules and softmax on the others.
-
-    Args:
-        module: The attention module; its ``rsoftmax_r`` attribute (set by :func:`patch_model`) holds the rate.
-        query: ``(batch, heads, q_len, head_dim)``.
-        key: ``(batch, heads, k_len, head_dim)``.
-        value: ``(batch, heads, k_len, head_dim)``.
-        attention_mask: Additive float mask broadcasting to ``(batch, heads, q_len, k_len)``, or ``None``.
-        scaling: Factor on the scores; ``head_dim ** -0.5`` when ``None``.
-        dropout: Dropout on the probabilities, applied in training mode only.
-
-    Returns:
-        The attention output ``(batch, q_len, heads, head_dim)`` and the probabilities
-        ``(batch, heads, q_len, k_len)``.
-    """
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-
-    # (batch, heads, q_len, k_len)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-
-    r = getattr(module, _RATE_ATTR, None)
-    if r is None:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    else:
-        if isinstance(r, Tensor):
-            r = r.to(scores.device)
-        probs = r_softmax(scores, r, dim=-1)
-
-    stats = getattr(module, _STATS_ATTR, None)
-    if stats is not None:
-        stats.update(probs.detach(), attention_mask)
-
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    # (batch, heads, q_len, head_dim) -> (batch, q_len, heads, head_dim)
-    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return output, probs
-
-
-AttentionInterface.register(ATTN_IMPLEMENTATION, rsoftmax_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
-
-
-@functools.cache
-def _dispatches_through_registry(cls: type) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "ALL_ATTENTION_FUNCTIONS" in source
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of ``model`` that dispatch through transformers' attention registry, in layer order.
-
-    Cross-attention modules (named ``crossattention``) are left out: encoders have none.
-    """
-    return [
-        module
-        for name, module in model.named_modules()
-        if _dispatches_through_registry(type(module)) and "crossattention" not in name.split(".")
-    ]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SparsityStats",
+    "attention_modules",
+    "attention_stats",
+    "linear_schedule",
+    "load_model",
+    "patch_model",
+    "patched_layers",
+    "record_sparsity",
+    "unpatch_model",
+]
 
 
 def _resolve_layers(layers: Sequence[int] | slice | None, num_layers: int) -> list[int]:
@@ -160,8 +99,40 @@ def _resolve_rates(r: float | Sequence[float] | Tensor, layers: list[int], num_h
     return [_check_rate(r, "r")] * len(layers)
 
 
-def _num_heads(model: nn.Module) -> int | None:
+def _num_heads(model: nn.Module, modules: list[nn.Module]) -> int | None:
+    for name in ("num_attention_heads", "num_heads", "n_heads"):
+        value = getattr(modules[0], name, None)
+        if isinstance(value, int):
+            return value
     return getattr(model.config, "num_attention_heads", None)
+
+
+def linear_schedule(r_first: float, r_last: float, num_layers: int) -> list[float]:
+    """Rates that go linearly from ``r_first`` in the first layer to ``r_last`` in the last, for ``patch_model``.
+
+    Example:
+        >>> linear_schedule(0.0, 0.6, 4)
+        [0.0, 0.2, 0.4, 0.6]
+    """
+    r_first, r_last = _check_rate(r_first, "r_first"), _check_rate(r_last, "r_last")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"`num_layers` must be a positive int, got {num_layers!r}")
+    if num_layers == 1:
+        return [r_first]
+    step = (r_last - r_first) / (num_layers - 1)
+    return [round(r_first + i * step, 12) for i in range(num_layers)]
+
+
+def _check_supported(model: nn.Module, modules: list[nn.Module]) -> None:
+    reason = unsupported_reason(model)
+    if reason is None and modules:
+        return
+    raise NotImplementedError(
+        f"{reason or type(model).__name__ + ' computes its attention softmax in its own code'}, so r-softmax cannot "
+        "be swapped in; supported are encoders whose attention dispatches through transformers' attention-function "
+        "registry (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT, ELECTRA, ModernBERT and more) and DeBERTa, "
+        "DeBERTa-v2/v3, MPNet, MegatronBERT and RemBERT (see the README's table)"
+    )
 
 
 def patch_model(
@@ -171,13 +142,14 @@ def patch_model(
 ) -> PreTrainedModel:
     """Runs r-softmax instead of softmax in the self-attention of ``model``, in place.
 
-    Patching again replaces earlier settings. The settings are stored in ``model.config.rsoftmax``, so
-    ``save_pretrained`` writes them to ``config.json`` and :func:`load_model` restores them.
+    Patching again replaces earlier settings (the same settings twice give the same model). The settings are stored
+    in ``model.config.rsoftmax``, so ``save_pretrained`` writes them to ``config.json``.
 
     Args:
-        model: A transformers model whose attention dispatches through the attention-function registry.
-        r: The sparsity rate: one float for every patched layer, a list with one float per patched layer, or a
-            tensor of shape ``(heads,)`` (the same rates in each layer) or ``(layers, heads)``.
+        model: A transformers encoder (or a PEFT model wrapping one).
+        r: The sparsity rate: one float for every patched layer, a list with one float per patched layer (see
+            :func:`linear_schedule`), or a tensor of shape ``(heads,)`` (the same rates in each layer) or
+            ``(layers, heads)``.
         layers: Which layers to patch: ``None`` for all, a list of indices (negative ones count from the end) or a
             slice such as ``slice(-2, None)`` for the last two.
 
@@ -185,51 +157,58 @@ def patch_model(
         The same model, for chaining.
 
     Raises:
-        NotImplementedError: If the model computes its attention softmax in its own code.
+        NotImplementedError: If the model computes its attention in a way r-softmax cannot enter.
         ValueError: If ``r`` or ``layers`` are out of range.
     """
     modules = attention_modules(model)
-    if not modules:
-        raise NotImplementedError(
-            f"{type(model).__name__} computes its attention softmax in its own code, so r-softmax cannot be swapped "
-            "in; supported are models whose attention dispatches through transformers' attention-function registry "
-            "(BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MiniLM and other BERT-style encoders)"
-        )
-
+    _check_supported(model, modules)
     chosen = _resolve_layers(layers, len(modules))
-    rates = _resolve_rates(r, chosen, _num_heads(model))
+    rates = _resolve_rates(r, chosen, _num_heads(model, modules))
+
     _clear_marks(modules)
     for index, rate in zip(chosen, rates, strict=True):
-        setattr(modules[index], _RATE_ATTR, rate)
+        setattr(modules[index], RATE_ATTR, rate)
+        if needs_adapter(modules[index]):
+            bind_adapter(modules[index])
 
     settings = getattr(model.config, CONFIG_KEY, None) or {}
     original = settings.get("original_attn_implementation") or model.config._attn_implementation or "eager"
     if original == ATTN_IMPLEMENTATION:
         original = "eager"
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if any(dispatches_through_registry(type(module)) for module in modules):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
     model.config.rsoftmax = {
         "r": [rate.flatten().tolist() if isinstance(rate, Tensor) else rate for rate in rates],
         "layers": chosen,
         "num_layers": len(modules),
         "original_attn_implementation": original,
     }
+    # NOTE: written to config.json as `attn_implementation`, so that loading the checkpoint with transformers alone
+    # fails with "rsoftmax is not supported" instead of silently running softmax; with this package imported,
+    # `from_pretrained` accepts it and the hook below restores the layers' rates.
+    model.config.attn_implementation = ATTN_IMPLEMENTATION
     logger.info("r-softmax in %d of %d attention layers: %s", len(chosen), len(modules), chosen)
     return model
 
 
 def _clear_marks(modules: list[nn.Module]) -> None:
     for module in modules:
-        if hasattr(module, _RATE_ATTR):
-            delattr(module, _RATE_ATTR)
+        if hasattr(module, RATE_ATTR):
+            delattr(module, RATE_ATTR)
+        unbind_adapter(module)
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
     """Restores plain softmax and the attention implementation the model had before :func:`patch_model`."""
-    _clear_marks(attention_modules(model))
+    modules = attention_modules(model)
+    _clear_marks(modules)
     settings = getattr(model.config, CONFIG_KEY, None)
     if settings:
-        model.set_attn_implementation(settings.get("original_attn_implementation") or "eager")
+        if any(dispatches_through_registry(type(module)) for module in modules):
+            model.set_attn_implementation(settings.get("original_attn_implementation") or "eager")
         del model.config.rsoftmax
+    if getattr(model.config, "attn_implementation", None) == ATTN_IMPLEMENTATION:
+        del model.config.attn_implementation
     return model
 
 
@@ -237,10 +216,22 @@ def patched_layers(model: nn.Module) -> dict[int, float | list[float]]:
     """Maps each patched layer's index to its rate (a list of per-head rates for a tensor rate)."""
     result = {}
     for index, module in enumerate(attention_modules(model)):
-        rate = getattr(module, _RATE_ATTR, None)
+        rate = getattr(module, RATE_ATTR, None)
         if rate is not None:
             result[index] = rate.flatten().tolist() if isinstance(rate, Tensor) else rate
     return result
+
+
+def restore_settings(model: nn.Module) -> nn.Module:
+    """Patches ``model`` as its ``config.rsoftmax`` says, if it carries settings; otherwise leaves it alone."""
+    settings = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not settings:
+        return model
+    rates = settings["r"]
+    if any(isinstance(rate, list) for rate in rates):
+        heads = max(len(rate) for rate in rates if isinstance(rate, list))
+        rates = torch.tensor([rate if isinstance(rate, list) else [rate] * heads for rate in rates])
+    return patch_model(model, r=rates, layers=settings["layers"])
 
 
 def load_model(path: str, model_class=None, **kwargs) -> PreTrainedModel:
@@ -256,77 +247,25 @@ def load_model(path: str, model_class=None, **kwargs) -> PreTrainedModel:
     """
     if model_class is None:
         from transformers import AutoModelForSequenceClassification as model_class
-    model = model_class.from_pretrained(path, **kwargs)
-    settings = getattr(model.config, CONFIG_KEY, None)
-    if settings:
-        rates = settings["r"]
-        if any(isinstance(rate, list) for rate in rates):
-            rates = torch.tensor([rate if isinstance(rate, list) else [rate] for rate in rates])
-        patch_model(model, r=rates, layers=settings["layers"])
-    return model
+    return restore_settings(model_class.from_pretrained(path, **kwargs))
 
 
-@dataclass
-class SparsityStats:
-    """Exact zeros among unmasked keys, per layer and head, accumulated over forward passes."""
+def _install_from_pretrained_hook() -> None:
+    """Makes ``from_pretrained`` of every transformers model restore the r-softmax settings its config carries."""
+    original = PreTrainedModel.from_pretrained.__func__
+    if getattr(original, "_rsoftmax_hook", False):
+        return
 
-    zeros: dict[int, Tensor] = field(default_factory=dict)
-    keys: dict[int, Tensor] = field(default_factory=dict)
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        if getattr(model.config, CONFIG_KEY, None):
+            restore_settings(model)
+            logger.info("restored r-softmax from the checkpoint's config: layers %s", patched_layers(model))
+        return model
 
-    def per_layer(self) -> dict[int, float]:
-        return {i: float(self.zeros[i].sum() / self.keys[i].sum().clamp_min(1)) for i in sorted(self.zeros)}
-
-    def per_head(self) -> dict[int, list[float]]:
-        return {i: (self.zeros[i] / self.keys[i].clamp_min(1)).tolist() for i in sorted(self.zeros)}
-
-    def overall(self) -> float | None:
-        if not self.zeros:
-            return None
-        return float(sum(z.sum() for z in self.zeros.values()) / sum(k.sum() for k in self.keys.values()).clamp_min(1))
-
-
-class _LayerCounter:
-    def __init__(self, stats: SparsityStats, index: int):
-        self.stats = stats
-        self.index = index
-
-    def update(self, probs: Tensor, attention_mask: Tensor | None) -> None:
-        # probs: (batch, heads, q_len, k_len); the mask marks padded keys with a large negative value.
-        unmasked = torch.ones_like(probs, dtype=torch.bool)
-        if attention_mask is not None:
-            key_ok = attention_mask[..., : probs.shape[-1]] > torch.finfo(attention_mask.dtype).min / 2
-            unmasked = unmasked & key_ok
-            if probs.shape[-1] == probs.shape[-2]:
-                # Padded positions are padded queries as well: their rows are left out.
-                # (batch, 1, 1, k_len) -> (batch, 1, q_len, 1)
-                unmasked = unmasked & key_ok[..., :1, :].transpose(-1, -2)
-        zeros = ((probs == 0) & unmasked).sum(dim=(0, 2, 3)).cpu()
-        keys = unmasked.expand_as(probs).sum(dim=(0, 2, 3)).cpu()
-        if self.index in self.stats.zeros:
-            self.stats.zeros[self.index] += zeros
-            self.stats.keys[self.index] += keys
-        else:
-            self.stats.zeros[self.index] = zeros
-            self.stats.keys[self.index] = keys
+    from_pretrained._rsoftmax_hook = True
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 
-@contextlib.contextmanager
-def record_sparsity(model: nn.Module) -> Iterator[SparsityStats]:
-    """Counts, while active, the exact zeros that patched layers put among unmasked keys.
-
-    Example:
-        >>> with record_sparsity(model) as stats:
-        ...     model(**batch)
-        >>> stats.per_layer()
-    """
-    stats = SparsityStats()
-    modules = attention_modules(model)
-    for index, module in enumerate(modules):
-        if getattr(module, _RATE_ATTR, None) is not None:
-            setattr(module, _STATS_ATTR, _LayerCounter(stats, index))
-    try:
-        yield stats
-    finally:
-        for module in modules:
-            if hasattr(module, _STATS_ATTR):
-                delattr(module, _STATS_ATTR)
+_install_from_pretrained_hook()

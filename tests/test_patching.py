@@ -1,6 +1,9 @@
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import tiny_bert_config
+from conftest import padded_batch, tiny_bert_config, tiny_family_model
 from transformers import (
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
@@ -9,9 +12,17 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+from transformers.masking_utils import AttentionMaskInterface
 
 from rsoft_nlp import patching
-from rsoft_nlp.patching import load_model, patch_model, patched_layers, record_sparsity, unpatch_model
+from rsoft_nlp.patching import (
+    attention_stats,
+    load_model,
+    patch_model,
+    patched_layers,
+    record_sparsity,
+    unpatch_model,
+)
 
 
 def tiny_model(family: str, attn_implementation=None):
@@ -23,25 +34,6 @@ def tiny_model(family: str, attn_implementation=None):
         config._attn_implementation = attn_implementation
         model = RobertaForSequenceClassification(config)
     return model.eval()
-
-
-@pytest.fixture
-def count_calls(monkeypatch):
-    calls = []
-    real = patching.r_softmax
-
-    def counting(scores, r, dim=-1):
-        calls.append(scores.shape)
-        return real(scores, r, dim=dim)
-
-    monkeypatch.setattr(patching, "r_softmax", counting)
-    return calls
-
-
-def padded_batch():
-    # Sentence 0 is 5 tokens long; sentence 1 is 9, so sentence 0 gets 4 padding tokens.
-    ids = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0, 0], [2, 13, 14, 15, 16, 17, 18, 19, 3]])
-    return ids, (ids != 0).long()
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
@@ -66,7 +58,7 @@ def test_every_layer_runs_r_softmax_and_gets_the_mask(family, load_path, count_c
 def test_unpatched_model_leaks_padding_without_the_mask_function(monkeypatch):
     """Guards the mask function: without it, transformers passes no mask to a custom attention function."""
     model = patch_model(tiny_model("bert"), r=0.5)
-    monkeypatch.delitem(patching.AttentionMaskInterface._global_mapping, patching.ATTN_IMPLEMENTATION)
+    monkeypatch.delitem(AttentionMaskInterface._global_mapping, patching.ATTN_IMPLEMENTATION)
     ids, mask = padded_batch()
     leaked = model(input_ids=ids, attention_mask=mask).logits[:1]
     alone = model(input_ids=ids[:1, :5]).logits
@@ -138,6 +130,33 @@ def test_save_and_load_restore_the_settings(tmp_path):
     assert plain.config.rsoftmax["layers"] == [1, 2]
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert", "deberta-v2", "mpnet"])
+def test_plain_from_pretrained_restores_per_head_rates(family, tmp_path):
+    model = patch_model(tiny_family_model(family), r=torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]))
+    ids, mask = padded_batch()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path)
+
+    for reloaded in (load_model(tmp_path), AutoModelForSequenceClassification.from_pretrained(tmp_path)):
+        assert patched_layers(reloaded.eval()) == patched_layers(model)
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6, rtol=0)
+
+    unpatch_model(model)
+    model.save_pretrained(tmp_path / "unpatched")
+    assert patched_layers(AutoModelForSequenceClassification.from_pretrained(tmp_path / "unpatched")) == {}
+
+
+def test_transformers_alone_refuses_a_patched_checkpoint(tmp_path):
+    """Without this package imported, loading fails loudly rather than running softmax."""
+    patch_model(tiny_model("bert"), r=0.4).save_pretrained(tmp_path)
+    code = (
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"try:\n    A.from_pretrained({str(tmp_path)!r})\nexcept ValueError as e:\n    print(e)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert 'attn_implementation="rsoftmax"` is not supported' in result.stdout
+
+
 def test_record_sparsity_counts_unmasked_keys_only():
     model = patch_model(tiny_model("bert"), r=0.5)
     ids, mask = padded_batch()
@@ -154,3 +173,19 @@ def test_decoder_models_are_found_too():
     config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
     model = patch_model(GPT2LMHeadModel(config), r=0.5)
     assert patched_layers(model) == {0: 0.5, 1: 0.5}
+
+
+def test_attention_stats_reports_achieved_sparsity_beside_the_requested_rates():
+    model = patch_model(tiny_model("bert"), r=torch.tensor([[0.0, 0.3, 0.6, 0.9], [0.5] * 4]), layers=[0, 2])
+    ids, mask = padded_batch()
+    stats = attention_stats(model, {"input_ids": ids, "attention_mask": mask})
+
+    assert set(stats["layers"]) == {0, 2}
+    assert stats["layers"][0]["r"] == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    heads = stats["layers"][0]["heads"]
+    # Rows of 5 and 9 unmasked keys: r = 0.9 keeps one key per row, r = 0 zeroes at most the smallest.
+    assert heads[3] == pytest.approx((5 * 4 + 9 * 8) / (5 * 5 + 9 * 9))
+    assert heads[0] <= 14 / 106 and heads[0] < heads[1] < heads[2] < heads[3]
+    assert 0 < stats["overall"] < 1 and stats["layers"][2]["achieved"] == pytest.approx(
+        sum(stats["layers"][2]["heads"]) / 4
+    )
