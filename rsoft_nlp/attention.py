@@ -79,6 +79,7 @@ def rsoftmax_attention_forward(
     attention_mask: Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    position_bias: Tensor | None = None,
     **kwargs,
 ) -> tuple[Tensor, Tensor]:
     """Scaled dot-product attention through :func:`attention_probs`, registered as ``"rsoftmax"``.
@@ -91,11 +92,22 @@ def rsoftmax_attention_forward(
         attention_mask: Additive float mask broadcasting to ``(batch, heads, q_len, k_len)``, or ``None``.
         scaling: Factor on the scores; ``head_dim ** -0.5`` when ``None``.
         dropout: Dropout on the probabilities, applied in training mode only.
+        position_bias: Additive bias on the scores (T5-style relative positions), or ``None``.
+        **kwargs: Other arguments of transformers' attention call; ones that would change the scores in ways
+            implemented here only for softmax (logit soft-capping, attention sinks) are refused.
 
     Returns:
         The attention output ``(batch, q_len, heads, head_dim)`` and the probabilities
         ``(batch, heads, q_len, k_len)``.
+
+    Raises:
+        NotImplementedError: If the model passes soft-capping or attention sinks.
     """
+    refused = [name for name in ("softcap", "s_aux", "sinks") if kwargs.get(name) is not None]
+    if refused:
+        raise NotImplementedError(
+            f"r-softmax attention does not support {', '.join(refused)}, which {type(module).__name__} uses"
+        )
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if key.size(1) != query.size(1):
@@ -106,6 +118,8 @@ def rsoftmax_attention_forward(
 
     # (batch, heads, q_len, k_len)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.size(-2)]
 

@@ -53,18 +53,24 @@ __all__ = [
 
 
 def _resolve_layers(layers: Sequence[int] | slice | None, num_layers: int) -> list[int]:
+    """Layer indices in the order given (so that per-layer rates pair with them), each in [0, num_layers)."""
     if layers is None:
         return list(range(num_layers))
     if isinstance(layers, slice):
-        return list(range(num_layers))[layers]
-    if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        resolved = list(range(num_layers))[layers]
+    elif isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
         raise TypeError(f"`layers` must be None, a slice or a sequence of ints, got {layers!r}")
-    resolved = []
-    for index in layers:
-        if not -num_layers <= index < num_layers:
-            raise ValueError(f"`layers` must hold indices in [{-num_layers}, {num_layers - 1}], got {index}")
-        resolved.append(index % num_layers)
-    return sorted(set(resolved))
+    else:
+        resolved = []
+        for index in layers:
+            if not -num_layers <= index < num_layers:
+                raise ValueError(f"`layers` must hold indices in [{-num_layers}, {num_layers - 1}], got {index}")
+            resolved.append(index % num_layers)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"`layers` must not name a layer twice, got {list(layers)}")
+    if not resolved:
+        raise ValueError(f"`layers` must select at least one of the {num_layers} layers, got {layers!r}")
+    return resolved
 
 
 def _check_rate(r: float, name: str) -> float:

@@ -189,3 +189,29 @@ def test_attention_stats_reports_achieved_sparsity_beside_the_requested_rates():
     assert 0 < stats["overall"] < 1 and stats["layers"][2]["achieved"] == pytest.approx(
         sum(stats["layers"][2]["heads"]) / 4
     )
+
+
+def test_per_layer_rates_follow_the_order_of_layers():
+    model = tiny_model("bert")
+    patch_model(model, r=[0.1, 0.9], layers=[2, 0])
+    assert patched_layers(model) == {0: 0.9, 2: 0.1}
+    with pytest.raises(ValueError, match="must not name a layer twice"):
+        patch_model(model, r=0.2, layers=[0, -3])
+    with pytest.raises(ValueError, match="must select at least one of the 3 layers"):
+        patch_model(model, r=0.2, layers=slice(5, 9))
+
+
+def test_t5_position_bias_is_kept_on_every_layer():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, dropout_rate=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = T5EncoderModel(config).eval()
+    ids, mask = padded_batch()
+    expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    patch_model(model, r=0.0, layers=[0])
+    patching.attention_modules(model)[0].rsoftmax_r = None  # every layer on the softmax path
+    output = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(output, expected, atol=1e-6, rtol=0)
