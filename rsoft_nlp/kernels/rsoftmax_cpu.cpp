@@ -1,7 +1,7 @@
 // Fused r-softmax for CPU tensors: forward and backward over rows of a contiguous (rows, k_len) matrix.
 //
 // Forward, per row: one pass for the max (and the index torch.max would pick), one pass for z = x - max and
-// e = exp(z), a copy of the unmasked z's (e > 0) into per-thread scratch, std::nth_element for the order statistics
+// e = exp(z), a copy of the unmasked z's (e > 0) into per-thread scratch, a quickselect for the two order statistics
 // of the linearly interpolated r-quantile, then weights relu(z + t) * e and their normalisation.
 // Per-row state kept for the backward: the shift (the row max, or 0 when it is not finite), t, the normaliser and
 // the max's index (-1 when the max is not finite, so that no gradient flows into it, as in the reference path).
@@ -56,41 +56,152 @@ inline float exp_acc(float x) {
 inline double exp_acc(double x) { return std::exp(x); }
 
 constexpr int64_t kGrainRows = 16;
+constexpr int kLanes = 16;
+
+// Sum with kLanes independent partial sums, so the loop vectorises without reassociating a single chain.
+template <typename acc_t>
+inline acc_t lane_sum(const acc_t* values, int64_t n) {
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      part[j] += values[i + j];
+    }
+  }
+  acc_t total = 0;
+  for (; i < n; ++i) {
+    total += values[i];
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    total += part[j];
+  }
+  return total;
+}
+
+// Max of a row converted to the compute dtype, with kLanes independent partial maxima.
+template <typename scalar_t, typename acc_t>
+inline acc_t lane_max(const scalar_t* values, int64_t n) {
+  acc_t part[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    part[j] = -std::numeric_limits<acc_t>::infinity();
+  }
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t v = static_cast<acc_t>(values[i + j]);
+      part[j] = v > part[j] ? v : part[j];
+    }
+  }
+  acc_t top = -std::numeric_limits<acc_t>::infinity();
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(values[i]);
+    top = v > top ? v : top;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    top = part[j] > top ? part[j] : top;
+  }
+  return top;
+}
+
+template <typename acc_t>
+inline acc_t median_of_three(acc_t a, acc_t b, acc_t c) {
+  return std::max(std::min(a, b), std::min(std::max(a, b), c));
+}
+
+// Order statistics k and k + 1 (0-based; the second only if need_next) of values[0, n), by quickselect with a
+// three-way, branch-free partition into two scratch buffers. `values`, `spare_a` and `spare_b` each hold n slots
+// and are overwritten. Ties are handled by the "equal to pivot" block, so repeated values cost no extra passes.
+template <typename acc_t>
+void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64_t k, bool need_next, acc_t* lo_out,
+                 acc_t* hi_out) {
+  acc_t* cur = values;
+  acc_t* bufs[3] = {values, spare_a, spare_b};
+  int64_t m = n;
+  // The smallest value known to lie above the active range (it bounds the (k + 1)-th statistic).
+  acc_t above = std::numeric_limits<acc_t>::infinity();
+  int rounds = 0;
+  while (m > 8) {
+    if (++rounds > 64) {
+      // Pathological pivots: finish with the standard library's introselect.
+      std::nth_element(cur, cur + k, cur + m);
+      *lo_out = cur[k];
+      if (need_next && k + 1 < m) {
+        above = std::min(above, *std::min_element(cur + k + 1, cur + m));
+      }
+      *hi_out = above;
+      return;
+    }
+    const acc_t pivot = median_of_three(cur[0], cur[m / 2], cur[m - 1]);
+    acc_t* less = cur == bufs[0] ? bufs[1] : bufs[0];
+    acc_t* more = cur == bufs[2] ? bufs[1] : bufs[2];
+    int64_t n_less = 0;
+    int64_t n_more = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const acc_t v = cur[i];
+      less[n_less] = v;
+      n_less += v < pivot;
+      more[n_more] = v;
+      n_more += v > pivot;
+    }
+    const int64_t n_equal = m - n_less - n_more;
+    if (k < n_less) {
+      above = pivot;
+      cur = less;
+      m = n_less;
+    } else if (k < n_less + n_equal) {
+      *lo_out = pivot;
+      if (need_next) {
+        if (k + 1 < n_less + n_equal) {
+          *hi_out = pivot;
+        } else if (n_more > 0) {
+          *hi_out = *std::min_element(more, more + n_more);
+        } else {
+          *hi_out = above;
+        }
+      }
+      return;
+    } else {
+      k -= n_less + n_equal;
+      cur = more;
+      m = n_more;
+    }
+  }
+  std::sort(cur, cur + m);
+  *lo_out = cur[k];
+  *hi_out = k + 1 < m ? cur[k + 1] : above;
+}
+
 
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats, int64_t* argmax, int64_t rows,
                   int64_t k_len, acc_t eps) {
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(k_len), e(k_len), pick(k_len);
+    std::vector<acc_t> z(k_len), e(k_len), pick(k_len), spare_a(k_len), spare_b(k_len);
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * k_len;
       scalar_t* outr = out + row * k_len;
 
-      // Pass 1: max and its first index (torch.max's choice among ties).
-      acc_t top = -std::numeric_limits<acc_t>::infinity();
+      // Pass 1: the max (a vectorised reduction), then its first index (torch.max's choice among ties).
+      const acc_t top = lane_max<scalar_t, acc_t>(xr, k_len);
       int64_t top_index = 0;
-      for (int64_t i = 0; i < k_len; ++i) {
-        const acc_t v = static_cast<acc_t>(xr[i]);
-        z[i] = v;
-        if (v > top) {
-          top = v;
-          top_index = i;
-        }
+      while (top_index < k_len && !(static_cast<acc_t>(xr[top_index]) == top)) {
+        ++top_index;
       }
+      top_index = top_index < k_len ? top_index : 0;
       const bool finite_top = std::isfinite(top);
       const acc_t shift = finite_top ? top : acc_t(0);
 
       // Pass 2: shifted scores and their exponentials.
       for (int64_t i = 0; i < k_len; ++i) {
-        const acc_t zi = z[i] - shift;
+        const acc_t zi = static_cast<acc_t>(xr[i]) - shift;
         z[i] = zi;
         e[i] = exp_acc(zi);
       }
+      // Branch-free compaction of the unmasked keys' z into scratch.
       int64_t n = 0;
       for (int64_t i = 0; i < k_len; ++i) {
-        if (e[i] > acc_t(0)) {
-          pick[n++] = z[i];
-        }
+        pick[n] = z[i];
+        n += e[i] > acc_t(0);
       }
 
       // The r-quantile of the unmasked z's, linear interpolation at position r * (n - 1).
@@ -100,22 +211,19 @@ void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats
         const acc_t lo = std::floor(position);
         const acc_t frac = position - lo;
         const int64_t lo_index = std::min<int64_t>(static_cast<int64_t>(lo), n - 1);
-        std::nth_element(pick.begin(), pick.begin() + lo_index, pick.begin() + n);
-        quantile = pick[lo_index];
-        if (frac > acc_t(0) && lo_index + 1 < n) {
-          const acc_t hi = *std::min_element(pick.begin() + lo_index + 1, pick.begin() + n);
-          quantile = quantile + frac * (hi - quantile);
-        }
+        const bool interpolate = frac > acc_t(0) && lo_index + 1 < n;
+        acc_t q_lo = 0;
+        acc_t q_hi = 0;
+        select_pair(pick.data(), spare_a.data(), spare_b.data(), n, lo_index, interpolate, &q_lo, &q_hi);
+        quantile = interpolate ? q_lo + frac * (q_hi - q_lo) : q_lo;
       }
       const acc_t t = -quantile + eps;
 
       // Pass 3: weights and their sum; pass 4: normalisation (a fully masked row divides 0 by 1).
-      acc_t total = 0;
       for (int64_t i = 0; i < k_len; ++i) {
-        const acc_t s = std::max(z[i] + t, acc_t(0)) * e[i];
-        e[i] = s;
-        total += s;
+        e[i] = std::max(z[i] + t, acc_t(0)) * e[i];
       }
+      const acc_t total = lane_sum(e.data(), k_len);
       const acc_t denom = total > acc_t(0) ? total : acc_t(1);
       for (int64_t i = 0; i < k_len; ++i) {
         outr[i] = static_cast<scalar_t>(e[i] / denom);
@@ -132,7 +240,7 @@ template <typename scalar_t, typename acc_t>
 void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, const int64_t* argmax,
                    scalar_t* grad_x, int64_t rows, int64_t k_len) {
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> slope(k_len), g(k_len);
+    std::vector<acc_t> slope(k_len), g(k_len), gp_terms(k_len);
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* xr = x + row * k_len;
       const scalar_t* gr = grad + row * k_len;
@@ -147,8 +255,7 @@ void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, 
         continue;
       }
 
-      // Pass 1: p_i recomputed in the compute dtype, sum_j g_j p_j, and ds_i/dz_i = e_i * (1[z_i + t > 0] + w_i).
-      acc_t gp = 0;
+      // Pass 1: g_j p_j with p recomputed in the compute dtype, and ds_i/dz_i = e_i * (1[z_i + t > 0] + w_i).
       for (int64_t i = 0; i < k_len; ++i) {
         const acc_t zi = static_cast<acc_t>(xr[i]) - shift;
         const acc_t ei = exp_acc(zi);
@@ -156,17 +263,16 @@ void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, 
         const acc_t wi = std::max(lifted, acc_t(0));
         const acc_t gi = static_cast<acc_t>(gr[i]);
         g[i] = gi;
-        gp += gi * (wi * ei / total);
+        gp_terms[i] = gi * (wi * ei / total);
         slope[i] = ei * ((lifted > acc_t(0) ? acc_t(1) : acc_t(0)) + wi);
       }
+      const acc_t gp = lane_sum(gp_terms.data(), k_len);
 
       // Pass 2: dz, its sum (the max's gradient), and the result.
-      acc_t dz_sum = 0;
       for (int64_t i = 0; i < k_len; ++i) {
-        const acc_t dz = (g[i] - gp) / total * slope[i];
-        slope[i] = dz;
-        dz_sum += dz;
+        slope[i] = (g[i] - gp) / total * slope[i];
       }
+      const acc_t dz_sum = lane_sum(slope.data(), k_len);
       const int64_t top = argmax[row];
       if (top >= 0) {
         slope[top] -= dz_sum;
