@@ -176,10 +176,13 @@ template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats, int64_t* argmax, int64_t rows,
                   int64_t k_len, acc_t eps) {
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(k_len), e(k_len), pick(k_len), spare_a(k_len), spare_b(k_len);
+    std::vector<acc_t> z_buf(k_len), e_buf(k_len), pick(k_len), spare_a(k_len), spare_b(k_len);
+    // Non-aliasing views, so the row loops vectorise without runtime alias checks.
+    acc_t* __restrict z = z_buf.data();
+    acc_t* __restrict e = e_buf.data();
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = x + row * k_len;
-      scalar_t* outr = out + row * k_len;
+      const scalar_t* __restrict xr = x + row * k_len;
+      scalar_t* __restrict outr = out + row * k_len;
 
       // Pass 1: the max (a vectorised reduction), then its first index (torch.max's choice among ties).
       const acc_t top = lane_max<scalar_t, acc_t>(xr, k_len);
@@ -223,7 +226,7 @@ void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats
       for (int64_t i = 0; i < k_len; ++i) {
         e[i] = std::max(z[i] + t, acc_t(0)) * e[i];
       }
-      const acc_t total = lane_sum(e.data(), k_len);
+      const acc_t total = lane_sum(e, k_len);
       const acc_t denom = total > acc_t(0) ? total : acc_t(1);
       for (int64_t i = 0; i < k_len; ++i) {
         outr[i] = static_cast<scalar_t>(e[i] / denom);
@@ -240,11 +243,15 @@ template <typename scalar_t, typename acc_t>
 void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, const int64_t* argmax,
                    scalar_t* grad_x, int64_t rows, int64_t k_len) {
   at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> slope(k_len), g(k_len), gp_terms(k_len);
+    std::vector<acc_t> slope_buf(k_len), g_buf(k_len), gp_buf(k_len);
+    // Non-aliasing views, so the row loops vectorise without runtime alias checks.
+    acc_t* __restrict slope = slope_buf.data();
+    acc_t* __restrict g = g_buf.data();
+    acc_t* __restrict gp_terms = gp_buf.data();
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = x + row * k_len;
-      const scalar_t* gr = grad + row * k_len;
-      scalar_t* dxr = grad_x + row * k_len;
+      const scalar_t* __restrict xr = x + row * k_len;
+      const scalar_t* __restrict gr = grad + row * k_len;
+      scalar_t* __restrict dxr = grad_x + row * k_len;
       const acc_t shift = stats[3 * row];
       const acc_t t = stats[3 * row + 1];
       const acc_t total = stats[3 * row + 2];
@@ -266,13 +273,13 @@ void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, 
         gp_terms[i] = gi * (wi * ei / total);
         slope[i] = ei * ((lifted > acc_t(0) ? acc_t(1) : acc_t(0)) + wi);
       }
-      const acc_t gp = lane_sum(gp_terms.data(), k_len);
+      const acc_t gp = lane_sum(gp_terms, k_len);
 
       // Pass 2: dz, its sum (the max's gradient), and the result.
       for (int64_t i = 0; i < k_len; ++i) {
         slope[i] = (g[i] - gp) / total * slope[i];
       }
-      const acc_t dz_sum = lane_sum(slope.data(), k_len);
+      const acc_t dz_sum = lane_sum(slope, k_len);
       const int64_t top = argmax[row];
       if (top >= 0) {
         slope[top] -= dz_sum;
