@@ -242,3 +242,17 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_path():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "triton ok" in done.stdout
+
+
+def test_reference_path_still_passes_the_operator_tests():
+    # With a fused kernel present, "auto" sends tests/test_rsoftmax.py through it; rerun them on the reference path.
+    env = dict(os.environ, RSOFT_BACKEND="torch", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_rsoftmax.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
