@@ -222,12 +222,13 @@ void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats
       }
       const acc_t t = -quantile + eps;
 
-      // Pass 3: weights and their sum; pass 4: normalisation (a fully masked row divides 0 by 1).
+      // Pass 3: weights and their sum; pass 4: normalisation.
       for (int64_t i = 0; i < k_len; ++i) {
         e[i] = std::max(z[i] + t, acc_t(0)) * e[i];
       }
       const acc_t total = lane_sum(e, k_len);
-      const acc_t denom = total > acc_t(0) ? total : acc_t(1);
+      // A fully masked row divides 0 by 1; a NaN among the scores makes the total NaN and the whole row NaN.
+      const acc_t denom = total == acc_t(0) ? acc_t(1) : total;
       for (int64_t i = 0; i < k_len; ++i) {
         outr[i] = static_cast<scalar_t>(e[i] / denom);
       }
@@ -255,7 +256,7 @@ void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, 
       const acc_t shift = stats[3 * row];
       const acc_t t = stats[3 * row + 1];
       const acc_t total = stats[3 * row + 2];
-      if (!(total > acc_t(0))) {
+      if (total == acc_t(0)) {
         for (int64_t i = 0; i < k_len; ++i) {
           dxr[i] = static_cast<scalar_t>(0);
         }

@@ -50,7 +50,7 @@ def _forward_kernel(x_ptr, r_ptr, eps_ptr, out_ptr, stats_ptr, argmax_ptr, k_len
 
     weighted = tl.where(inside, tl.maximum(z + t, 0.0) * e, 0.0)
     total = tl.sum(weighted, axis=0)
-    probs = weighted / tl.where(total > 0, total, 1.0)
+    probs = weighted / tl.where(total == 0, 1.0, total)
     tl.store(out_ptr + row * k_len + cols, probs.to(out_ptr.dtype.element_ty), mask=inside)
     tl.store(stats_ptr + row * 3, shift)
     tl.store(stats_ptr + row * 3 + 1, t)
@@ -74,13 +74,13 @@ def _backward_kernel(grad_ptr, x_ptr, stats_ptr, argmax_ptr, out_ptr, k_len, BLO
     e = tl.exp(z)
     lifted = z + t
     w = tl.maximum(lifted, 0.0)
-    safe_total = tl.where(total > 0, total, 1.0)
+    safe_total = tl.where(total == 0, 1.0, total)
     gp = tl.sum(tl.where(inside, g * (w * e / safe_total), 0.0), axis=0)
     slope = tl.where(inside, e * (tl.where(lifted > 0, 1.0, 0.0) + w), 0.0)
     dz = (g - gp) / safe_total * slope
     dz_sum = tl.sum(dz, axis=0)
     dx = dz - tl.where(cols == top_index, dz_sum, 0.0)
-    dx = tl.where(total > 0, dx, 0.0)
+    dx = tl.where(total == 0, 0.0, dx)
     tl.store(out_ptr + row * k_len + cols, dx.to(out_ptr.dtype.element_ty), mask=inside)
 
 
