@@ -30,6 +30,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rsoft_nlp.kernels import fused_r_softmax, resolve_backend
+
 EPS = 1e-8
 
 __all__ = ["RSoftmax", "r_softmax", "t_softmax"]
@@ -115,7 +117,7 @@ def _t_softmax_last(scores: Tensor, t: Tensor) -> Tensor:
     return _normalise(torch.relu(z + t) * e)
 
 
-def r_softmax(scores: Tensor, r: float | Tensor, dim: int = -1) -> Tensor:
+def r_softmax(scores: Tensor, r: float | Tensor, dim: int = -1, backend: str | None = None) -> Tensor:
     """r-softmax of ``scores`` along ``dim``.
 
     Args:
@@ -123,6 +125,9 @@ def r_softmax(scores: Tensor, r: float | Tensor, dim: int = -1) -> Tensor:
         r: Sparsity rate in [0, 1]: a float, or a tensor that broadcasts over the rows (``scores.shape`` with size 1
             at ``dim``), e.g. ``(1, heads, 1, 1)`` for one rate per head.
         dim: The dimension that holds the keys.
+        backend: ``"auto"``, ``"torch"`` (this module's reference path), ``"cpu"`` (fused C++ kernel) or
+            ``"triton"`` (fused Triton kernel); ``None`` reads the environment variable ``RSOFT_BACKEND`` and
+            defaults to ``"auto"``. See :mod:`rsoft_nlp.kernels`.
 
     Returns:
         Probabilities of the same shape and dtype as ``scores``: each row sums to 1 over its unmasked keys, masked
@@ -132,9 +137,13 @@ def r_softmax(scores: Tensor, r: float | Tensor, dim: int = -1) -> Tensor:
     Raises:
         ValueError: If ``r`` is NaN, outside [0, 1], or does not broadcast over the rows.
         TypeError: If ``r`` is neither a number nor a tensor.
+        RuntimeError: If a forced ``backend`` cannot run on ``scores``.
     """
     dim = _check_dim(scores, dim)
     r = _check_r(r, scores, dim)
+    chosen = resolve_backend(backend, scores)
+    if chosen != "torch":
+        return fused_r_softmax(scores, r, dim, chosen, EPS)
     x = scores.to(_compute_dtype(scores.dtype)).movedim(dim, -1)
 
     z, e = _shifted_scores(x)
@@ -195,9 +204,10 @@ class RSoftmax(nn.Module):
     Args:
         r: Sparsity rate in [0, 1], a float or a tensor that broadcasts over the rows.
         dim: The dimension that holds the keys.
+        backend: Which implementation computes it (see :func:`r_softmax`).
     """
 
-    def __init__(self, r: float | Tensor = 0.5, dim: int = -1):
+    def __init__(self, r: float | Tensor = 0.5, dim: int = -1, backend: str | None = None):
         super().__init__()
         if isinstance(r, Tensor):
             self.register_buffer("r", r.detach().clone(), persistent=False)
@@ -206,9 +216,10 @@ class RSoftmax(nn.Module):
                 raise ValueError(f"`r` must lie in [0, 1], got {r!r}")
             self.r = float(r)
         self.dim = dim
+        self.backend = backend
 
     def forward(self, scores: Tensor, r: float | Tensor | None = None) -> Tensor:
-        return r_softmax(scores, self.r if r is None else r, dim=self.dim)
+        return r_softmax(scores, self.r if r is None else r, dim=self.dim, backend=self.backend)
 
     def extra_repr(self) -> str:
         r = self.r if isinstance(self.r, float) else f"tensor of shape {tuple(self.r.shape)}"
