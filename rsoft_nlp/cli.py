@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rsoft_nlp.config import MIXED_PRECISION, ConfigError, FinetuneConfig, load_yaml
+from rsoft_nlp.config import MIXED_PRECISION, PEFT_METHODS, REPORT_TO, ConfigError, FinetuneConfig, load_yaml
 from rsoft_nlp.glue import GLUE_TASKS
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -24,6 +24,10 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"must be layer indices separated by commas, e.g. 0,1,5, got {text!r}"
         ) from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _rate(text: str) -> float:
@@ -65,6 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-eval-samples", type=int, help="use the first N examples of each evaluation split")
     add("--mixed-precision", choices=MIXED_PRECISION)
     add("--log-every", type=int, help="log the training loss every N optimizer steps")
+    flag = dict(action="store_true", default=None)
+    add("--gradient-checkpointing", **flag, help="recompute activations in the backward pass to save memory")
+    add("--eval-every", type=int, help="also evaluate every N optimizer steps (always after each epoch)")
+    add("--save-best", **flag, help="keep the model with the best main metric of the task in <output>/best")
+    add("--early-stopping-patience", type=int, help="stop after N evaluations without a better main metric")
+    add("--do-predict", **flag, help="write GLUE submission files for the test split(s) to <output>/predictions")
+    add("--report-to", choices=REPORT_TO, help="experiment trackers to log to (default none)")
+
+    group = parser.add_argument_group("checkpoints and resuming")
+    group.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N optimizer steps")
+    group.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 2)")
+    group.add_argument("--resume-from", help="a checkpoint folder, or 'latest' for the newest in <output>/checkpoints")
+
+    group = parser.add_argument_group("LoRA")
+    group.add_argument("--peft", choices=PEFT_METHODS, help="train adapters instead of every weight")
+    group.add_argument("--lora-rank", type=int, help="rank of the LoRA updates (default 8)")
+    group.add_argument("--lora-alpha", type=float, help="LoRA scaling numerator (default 16)")
+    group.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0.1)")
+    group.add_argument("--lora-targets", type=_name_list, help="modules to adapt, e.g. query,value (the default)")
+
+    group = parser.add_argument_group("publishing")
+    group.add_argument("--push-to-hub", **flag, help="upload the finished run to the Hugging Face Hub")
+    group.add_argument("--hub-model-id", help="the Hub repository, e.g. user/mrpc-rsoftmax")
+    group.add_argument("--hub-private", **flag, help="create the repository private")
+    group.add_argument("--hub-token", help="a write token (default: HF_TOKEN or the saved login); never printed")
     return parser
 
 
@@ -89,11 +118,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr
     )
     from rsoft_nlp.hub import HubUnreachableError
+    from rsoft_nlp.publish import HubAccessError
     from rsoft_nlp.trainer import finetune
 
     try:
         finetune(cfg)
-    except (HubUnreachableError, FileNotFoundError) as error:
+    except (HubUnreachableError, HubAccessError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 

@@ -13,9 +13,13 @@ import yaml
 
 from rsoft_nlp.glue import GLUE_TASKS
 
-__all__ = ["ConfigError", "FinetuneConfig", "load_yaml"]
+__all__ = ["ConfigError", "FinetuneConfig", "PEFT_METHODS", "REPORT_TO", "load_yaml"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
+PEFT_METHODS = ("lora",)
+# Settings left out of run_config.json and every other file a run writes.
+SECRET_FIELDS = ("hub_token",)
 
 
 class ConfigError(ValueError):
@@ -53,6 +57,24 @@ class FinetuneConfig:
     max_eval_samples: int | None = None
     mixed_precision: str = "no"
     log_every: int = 10
+    gradient_checkpointing: bool = False
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    resume_from: str | None = None
+    eval_every: int | None = None
+    save_best: bool = False
+    early_stopping_patience: int | None = None
+    do_predict: bool = False
+    report_to: str = "none"
+    peft: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+    hub_token: str | None = None
 
     def validate(self) -> FinetuneConfig:
         """Checks every setting and raises one :class:`ConfigError` listing all problems."""
@@ -77,13 +99,20 @@ class FinetuneConfig:
         check(self.layers is None or self.r is not None, "--layers needs --r: without a rate nothing is patched")
         check(self.epochs > 0, f"--epochs must be > 0, got {self.epochs}")
         check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        for name in ("batch_size", "grad_accum", "max_length", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "lora_rank"):
             value = getattr(self, name)
             check(
                 isinstance(value, int) and value >= 1,
                 f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}",
             )
-        for name in ("eval_batch_size", "max_train_samples", "max_eval_samples"):
+        for name in (
+            "eval_batch_size",
+            "max_train_samples",
+            "max_eval_samples",
+            "checkpoint_every",
+            "eval_every",
+            "early_stopping_patience",
+        ):
             value = getattr(self, name)
             check(
                 value is None or (isinstance(value, int) and value >= 1),
@@ -97,6 +126,28 @@ class FinetuneConfig:
         check(
             self.mixed_precision in MIXED_PRECISION,
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
+        )
+        check(
+            self.report_to in REPORT_TO,
+            f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}",
+        )
+        check(
+            self.peft is None or self.peft in PEFT_METHODS,
+            f"--peft must be one of {', '.join(PEFT_METHODS)} (leave it out to train every weight), got {self.peft!r}",
+        )
+        check(self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        check(0 <= self.lora_dropout < 1, f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        check(
+            self.lora_targets is None or (len(self.lora_targets) > 0 and all(self.lora_targets)),
+            f"--lora-targets must be module names separated by commas, e.g. query,value, got {self.lora_targets!r}",
+        )
+        check(
+            not self.push_to_hub or bool(self.hub_model_id),
+            f"--push-to-hub needs --hub-model-id NAME, got {self.hub_model_id!r}",
+        )
+        check(
+            self.resume_from is None or self.resume_from == "latest" or Path(self.resume_from).is_dir(),
+            f"--resume-from must be 'latest' or an existing checkpoint folder, got {self.resume_from!r}",
         )
         if self.data_dir is not None:
             check(Path(self.data_dir).is_dir(), f"--data-dir must be an existing folder, got {self.data_dir!r}")
@@ -118,6 +169,11 @@ class FinetuneConfig:
             raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
         return self
 
+    def __repr__(self) -> str:
+        # Keeps the token out of tracebacks and logs.
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items())
+        return f"FinetuneConfig({shown})"
+
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
             return Path(self.output_dir)
@@ -125,7 +181,10 @@ class FinetuneConfig:
         return Path("runs") / f"{self.task.lower()}-{rate}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict, without secrets and with the resolved output folder."""
         data = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            data.pop(name)
         data["output_dir"] = str(self.resolved_output_dir())
         return data
 
