@@ -58,7 +58,7 @@ def build_model(cfg: FinetuneConfig, task: GlueTask):
     model = _base_model(cfg.model, task, cfg.r, cfg.layers)
     config = model.config
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 

@@ -9,6 +9,7 @@ fine-tuned model and tokenizer in the output folder. ``global_step`` counts opti
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,8 +170,17 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def _make_accelerator(cfg: FinetuneConfig, output_dir: Path) -> Accelerator:
+    """The run's Accelerator; under a launcher on a machine without accelerators, a gloo process group on CPUs.
+
+    Raises:
+        RuntimeError: If the launcher started several processes but they did not join one process group.
+    """
     trackers = None if cfg.report_to == "none" else cfg.report_to
-    return Accelerator(
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Accelerate only forms a CPU process group when told to run on CPU; torchrun does not tell it.
+    cpu_only = launched > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(
+        cpu=cpu_only,
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers,
@@ -178,6 +188,13 @@ def _make_accelerator(cfg: FinetuneConfig, output_dir: Path) -> Accelerator:
         # The shuffle order is a function of (seed, epoch) only, so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate sees {accelerator.num_processes}: "
+            "each would train alone and overwrite the others' files; launch with `accelerate launch` or torchrun "
+            "on a machine whose accelerators Accelerate can use"
+        )
+    return accelerator
 
 
 def _tracker_config(cfg: FinetuneConfig) -> dict[str, Any]:
