@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int)
     add("--max-train-samples", type=int, help="use the first N training examples")
     add("--max-eval-samples", type=int, help="use the first N examples of each evaluation split")
+    add("--max-predict-samples", type=int, help="predict only the first N examples of each test split")
     add("--mixed-precision", choices=MIXED_PRECISION)
     add("--log-every", type=int, help="log the training loss every N optimizer steps")
     flag = dict(action="store_true", default=None)

@@ -55,6 +55,7 @@ class FinetuneConfig:
     seed: int = 42
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    max_predict_samples: int | None = None
     mixed_precision: str = "no"
     log_every: int = 10
     gradient_checkpointing: bool = False
@@ -109,6 +110,7 @@ class FinetuneConfig:
             "eval_batch_size",
             "max_train_samples",
             "max_eval_samples",
+            "max_predict_samples",
             "checkpoint_every",
             "eval_every",
             "early_stopping_patience",

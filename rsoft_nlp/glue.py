@@ -186,7 +186,8 @@ def _read_tsv(path: Path, task: GlueTask, split: str) -> dict[str, list]:
     if missing:
         raise ValueError(f"{path}: expected column(s) {missing} for task {task.name!r}, found header {header}")
     label_index = column("label")
-    id_index = header.index("index") if "index" in header else None
+    # Example ids: "index" in most files, "id" in QQP's.
+    id_index = next((header.index(name) for name in ("index", "id") if name in header), None)
     width = max(index for index in (*text_index.values(), label_index) if index is not None) + 1
 
     data: dict[str, list] = {name: [] for name in (*task.text_columns, "label", "idx")}

@@ -110,6 +110,8 @@ def _load_data(cfg: FinetuneConfig, task: GlueTask) -> tuple[DatasetDict, list[s
     # The same limit for every evaluation split (MNLI matched and mismatched alike).
     for split in eval_splits:
         raw[split] = subsample(raw[split], cfg.max_eval_samples)
+    for split in test_splits:
+        raw[split] = subsample(raw[split], cfg.max_predict_samples)
     return DatasetDict({s: raw[s] for s in ["train", *eval_splits, *test_splits]}), eval_splits, test_splits
 
 
