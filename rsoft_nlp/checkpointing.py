@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +144,15 @@ def save_pretrained_atomic(accelerator: Accelerator, model, tokenizer, target: P
     """
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    # Sharded weights (FSDP, DeepSpeed ZeRO-3) are gathered by every process together.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    state_dict = accelerator.get_state_dict(model) if sharded else None
     if not accelerator.is_main_process:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        unwrapped.save_pretrained(staging, save_function=accelerator.save)
+        unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(staging)
         if whole_folder:
             _replace_dir(staging, target)

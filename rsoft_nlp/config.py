@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -133,6 +134,12 @@ class FinetuneConfig:
             self.report_to in REPORT_TO,
             f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}",
         )
+        if self.report_to in ("tensorboard", "wandb", "mlflow"):
+            module = "tensorboard" if self.report_to == "tensorboard" else self.report_to
+            check(
+                importlib.util.find_spec(module) is not None,
+                f"--report-to {self.report_to} needs the {module} package (pip install {module}), which is missing",
+            )
         check(
             self.peft is None or self.peft in PEFT_METHODS,
             f"--peft must be one of {', '.join(PEFT_METHODS)} (leave it out to train every weight), got {self.peft!r}",

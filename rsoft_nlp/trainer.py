@@ -343,7 +343,10 @@ class _Run:
         state.history.append(entry)
         state.loss_sum, state.loss_batches = 0.0, 0
 
-        scalars = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k != "global_step"}
+        # The training loss goes to trackers with every log line, not again here.
+        scalars = {
+            k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("global_step", "train_loss")
+        }
         scalars.update({f"eval_attention_sparsity_layer_{i}": v for i, v in sparsity.get("per_layer", {}).items()})
         self.accelerator.log(scalars, step=state.global_step)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k.startswith("eval_") and isinstance(v, float))
