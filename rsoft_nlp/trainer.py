@@ -483,7 +483,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None, callba
         from rsoft_nlp.publish import check_write_access
 
         # Before any training, on every process, so that all of them stop together.
-        check_write_access(cfg.hub_model_id, cfg.hub_token)
+        check_write_access(cfg.hub_model_id, cfg.hub_token, private=cfg.hub_private)
 
     accelerator = accelerator or _make_accelerator(cfg, output_dir)
     set_seed(cfg.seed)
