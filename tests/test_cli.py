@@ -114,3 +114,34 @@ def test_every_shipped_config_parses_and_validates(path):
         assert cfg.task == path.stem
     else:
         assert yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2 and config.distributed_type.value in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+    assert (config.num_machines > 1) == (path.stem == "multi-node")
+
+
+def test_new_flags_are_validated_together():
+    with pytest.raises(ConfigError) as error:
+        FinetuneConfig(
+            checkpoint_every=0, keep_checkpoints=0, eval_every=-1, lora_rank=0, lora_dropout=1.0, report_to="x",
+            push_to_hub=True, resume_from="/nonexistent", hub_token="hf_secret",
+        ).validate()  # fmt: skip
+    message = str(error.value)
+    for expected in (
+        "--checkpoint-every must be an integer >= 1, got 0",
+        "--keep-checkpoints must be an integer >= 1, got 0",
+        "--eval-every must be an integer >= 1, got -1",
+        "--lora-rank must be an integer >= 1, got 0",
+        "--lora-dropout must lie in [0, 1), got 1.0",
+        "--report-to must be one of",
+        "--push-to-hub needs --hub-model-id NAME",
+        "--resume-from must be 'latest' or an existing checkpoint folder, got '/nonexistent'",
+    ):
+        assert expected in message
+    cfg = FinetuneConfig(hub_token="hf_secret")
+    assert "hf_secret" not in repr(cfg) and "hub_token" not in cfg.to_dict()
