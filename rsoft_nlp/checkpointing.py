@@ -31,19 +31,24 @@ __all__ = [
     "save_checkpoint",
     "save_pretrained_atomic",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 TRAINER_STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(text)
     os.replace(handle.name, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

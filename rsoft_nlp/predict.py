@@ -6,13 +6,12 @@ names (MNLI, QNLI, RTE) get class names; the others get class ids (0/1); STS-B g
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from rsoft_nlp.checkpointing import write_text_atomic
 from rsoft_nlp.glue import GlueTask
 
 __all__ = ["SUBMISSION_NAMES", "submission_rows", "write_submission"]
@@ -47,10 +46,7 @@ def write_submission(task: GlueTask, split: str, indices: Sequence[int], predict
     rows = submission_rows(task, predictions)
     if len(rows) != len(indices):
         raise ValueError(f"`indices` and `predictions` must have the same length, got {len(indices)} and {len(rows)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{SUBMISSION_NAMES[task.name][split]}.tsv"
     lines = ["index\tprediction", *(f"{int(index)}\t{row}" for index, row in zip(indices, rows, strict=True))]
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.replace(handle.name, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,12 +147,6 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     return "\n".join(lines)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-
-
 def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False) -> str:
     """Uploads a finished run (model, tokenizer, r-softmax settings, results, model card) to ``repo_id``.
 
@@ -165,6 +158,8 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None,
         HubAccessError: As :func:`check_write_access`.
     """
     from huggingface_hub import HfApi
+
+    from rsoft_nlp.checkpointing import write_text_atomic
 
     run_dir = Path(run_dir)
     if not (run_dir / "all_results.json").is_file():
@@ -180,8 +175,8 @@ def push_run(run_dir: str | os.PathLike, repo_id: str, token: str | None = None,
     )
     if settings is None and (run_dir / "rsoftmax_base.json").is_file():
         settings = json.loads((run_dir / "rsoftmax_base.json").read_text(encoding="utf-8"))["rsoftmax"]
-    _write_text_atomic(run_dir / "rsoftmax.json", json.dumps({"rsoftmax": settings, "paper": PAPER}, indent=2) + "\n")
-    _write_text_atomic(run_dir / "README.md", model_card(run_dir, repo_id))
+    write_text_atomic(run_dir / "rsoftmax.json", json.dumps({"rsoftmax": settings, "paper": PAPER}, indent=2) + "\n")
+    write_text_atomic(run_dir / "README.md", model_card(run_dir, repo_id))
 
     commit = HfApi(token=token).upload_folder(
         repo_id=repo_id,
