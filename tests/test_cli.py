@@ -53,7 +53,7 @@ def test_cli_without_r_runs_plain_softmax_from_csv_files(tiny_bert_dir, tmp_path
 
 
 def test_stsb_is_regression(tiny_bert_dir, tmp_path):
-    rows = ["sentence1\tsentence2\tscore"] + [f"a man {i}\tthe dog\t{i % 6}.0" for i in range(8)]
+    rows = ["sentence1\tsentence2\tlabel"] + [f"a man {i}\tthe dog\t{i % 6}.0" for i in range(8)]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     run_cli(
