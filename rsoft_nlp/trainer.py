@@ -248,6 +248,8 @@ class _Run:
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.state = LoopState()
         self.stop_early = False
+        # Stays empty when a run resumed from its final checkpoint evaluates nothing more.
+        self.last_sparsity: dict = {}
 
     def _call(self, hook: str, **info) -> None:
         for callback in self.callbacks:
@@ -338,7 +340,8 @@ class _Run:
             sparsity = sparsity or sparsity_split
         if sparsity:
             entry["eval_attention_sparsity"] = sparsity["overall"]
-            entry["eval_attention_sparsity_per_layer"] = sparsity["per_layer"]
+            # String keys, as JSON has them, so that a resumed run's history reads the same.
+            entry["eval_attention_sparsity_per_layer"] = {str(i): v for i, v in sparsity["per_layer"].items()}
         self.last_sparsity = sparsity
         state.history.append(entry)
         state.loss_sum, state.loss_batches = 0.0, 0

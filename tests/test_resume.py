@@ -195,3 +195,14 @@ def test_accumulation_with_a_short_last_group(tiny_bert_dir, tmp_path):
     assert [h["global_step"] for h in results["history"]] == [3, 6]
     names = [path.name for path in find_checkpoints(tmp_path / "run" / "checkpoints")]
     assert names == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_resuming_from_the_final_checkpoint_trains_no_more(tiny_bert_dir, tmp_path):
+    data = write_sst2(tmp_path, 12)
+    out = tmp_path / "run"
+    first = finetune(resume_config(tiny_bert_dir, data, out, epochs=1, checkpoint_every=3))
+    recorder = Recorder()
+    again = finetune(resume_config(tiny_bert_dir, data, out, epochs=1, checkpoint_every=3, resume_from="latest"),
+                     callbacks=[recorder])  # fmt: skip
+    assert not recorder.batches and again["global_step"] == first["global_step"] == 6
+    assert again["history"] == first["history"]
