@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,17 +39,45 @@ TRAINER_STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def use_default_permissions(path: Path) -> None:
+    """Gives ``path`` (and, for a folder, everything in it) the permissions a plain ``open`` or ``mkdir`` would.
+
+    Temporary files and folders are created private to their owner; results renamed from them should not be.
+    """
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
         handle.write(text)
+    use_default_permissions(Path(handle.name))
     os.replace(handle.name, path)
 
 
+def _finite_or_none(data: Any) -> Any:
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: _finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_none(value) for value in data]
+    return data
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it into place."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Writes strict JSON (NaN and infinities become ``null``) to a temporary file, then renames it into place."""
+    write_text_atomic(path, json.dumps(_finite_or_none(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -159,6 +188,7 @@ def save_pretrained_atomic(accelerator: Accelerator, model, tokenizer, target: P
     try:
         unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(staging)
+        use_default_permissions(staging)
         if whole_folder:
             _replace_dir(staging, target)
             return

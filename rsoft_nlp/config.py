@@ -78,9 +78,49 @@ class FinetuneConfig:
     hub_private: bool = False
     hub_token: str | None = None
 
+    def _type_problems(self) -> list[str]:
+        """Checks each setting's type from its annotation, turning numbers written as text (``2e-5``) into numbers."""
+        problems = []
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            flag = "--" + spec.name.replace("_", "-")
+            kind = spec.type.split(" | ")[0]
+            if value is None:
+                if "None" not in spec.type:
+                    problems.append(f"{flag} must be set, got None")
+                continue
+            if kind == "float" and isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                rule = "a finite number"
+            elif kind == "int":
+                ok, rule = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif kind == "bool":
+                ok, rule = isinstance(value, bool), "true or false"
+            elif kind == "str":
+                ok, rule = isinstance(value, str), "a string"
+            else:
+                item = int if kind == "list[int]" else str
+                ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+                rule = f"a list of {'integers' if item is int else 'strings'}"
+            if ok:
+                setattr(self, spec.name, float(value) if kind == "float" else value)
+            else:
+                problems.append(f"{flag} must be {rule}, got {value!r}")
+        return problems
+
     def validate(self) -> FinetuneConfig:
         """Checks every setting and raises one :class:`ConfigError` listing all problems."""
-        problems = []
+        problems = self._type_problems()
+        if problems:
+            # The other rules need well-typed values; only the output folder's can still be checked.
+            if not any(problem.startswith(("--output-dir", "--task", "--r ")) for problem in problems):
+                problems += self._output_problems()
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
         def check(ok: bool, message: str) -> None:
             if not ok:
@@ -174,6 +214,7 @@ class FinetuneConfig:
             self.data_dir is None or self.train_file is None,
             "--data-dir and --train-file/--validation-file are two data sources: give one",
         )
+        problems += self._output_problems()
         if problems:
             raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
         return self
@@ -182,6 +223,12 @@ class FinetuneConfig:
         # Keeps the token out of tracebacks and logs.
         shown = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items())
         return f"FinetuneConfig({shown})"
+
+    def _output_problems(self) -> list[str]:
+        output = self.resolved_output_dir()
+        if output.exists() and not output.is_dir():
+            return [f"--output-dir must be a folder (it may exist), got the file {str(output)!r}"]
+        return []
 
     def resolved_output_dir(self) -> Path:
         if self.output_dir:
@@ -202,10 +249,15 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a run's settings from a YAML file; keys are flag names (``-`` or ``_``).
 
     Raises:
-        ConfigError: If the file is not a mapping or names a setting that does not exist.
+        ConfigError: If the file cannot be read, is not a YAML mapping or names a setting that does not exist.
     """
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise ConfigError(f"--config must be a readable YAML file, got {str(path)!r} ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config must be a YAML mapping of settings, got {type(data).__name__} in {path}")
     known = {f.name for f in dataclasses.fields(FinetuneConfig)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +28,16 @@ def resolve_model_source(model: str) -> None:
             raise FileNotFoundError(f"--model must be a folder holding config.json, got {model!r}")
         return
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip(os.sep).replace("/", "", 1)
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except HFValidationError:
+        cached, looks_like_path = None, True
+    if looks_like_path or Path(model).exists():
+        raise FileNotFoundError(f"--model must be an existing checkpoint folder or a Hub id, got {model!r}")
+    if isinstance(cached, str):
         return
     require_hub(f"model {model!r}", "pass --model with a local folder that holds the checkpoint and its tokenizer")
 

@@ -145,3 +145,55 @@ def test_new_flags_are_validated_together():
         assert expected in message
     cfg = FinetuneConfig(hub_token="hf_secret")
     assert "hf_secret" not in repr(cfg) and "hub_token" not in cfg.to_dict()
+
+
+def test_yaml_values_of_the_wrong_type_are_reported_by_flag(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: mrpc\nlr: 2e-5\nepochs: three\nlayers: 3\nr: true\nmodel: null\n")
+    with pytest.raises(ConfigError) as error:
+        cli.config_from_args(cli.build_parser().parse_args(["--config", str(path)]))
+    message = str(error.value)
+    for expected in (
+        "--epochs must be a finite number, got 'three'",
+        "--layers must be a list of integers, got 3",
+        "--r must be a finite number, got True",
+        "--model must be set, got None",
+    ):
+        assert expected in message
+    assert "--lr" not in message
+
+    path.write_text("task: mrpc\nlr: 2e-5\n")
+    assert cli.config_from_args(cli.build_parser().parse_args(["--config", str(path)])).lr == 2e-5
+    path.write_text("task: [mrpc\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match="--config must be a readable YAML file"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_infinite_numbers_missing_model_folders_and_file_outputs_are_refused(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit):
+        run_cli("--epochs", "inf", "--lr", "nan", "--output-dir", tmp_path / "a-file")
+    err = capsys.readouterr().err
+    assert "--epochs must be a finite number, got inf" in err and "--lr must be a finite number, got nan" in err
+    assert "--output-dir must be a folder" in err
+
+    with pytest.raises(SystemExit):
+        run_cli("--model", "./no/such/model", "--output-dir", tmp_path / "run")
+    assert (
+        "--model must be an existing checkpoint folder or a Hub id, got './no/such/model'" in capsys.readouterr().err
+    )
+
+
+def test_results_are_strict_json_with_default_permissions(tmp_path):
+    import os
+    import stat
+
+    from rsoft_nlp.checkpointing import write_json_atomic
+
+    write_json_atomic(tmp_path / "r.json", {"pearson": float("nan"), "values": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"pearson": None, "values": [1.0, None]}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~mask
