@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         finetune(cfg)
-    except (HubUnreachableError, HubAccessError, FileNotFoundError) as error:
+    except (ConfigError, HubUnreachableError, HubAccessError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 

@@ -190,6 +190,18 @@ class FinetuneConfig:
             self.lora_targets is None or (len(self.lora_targets) > 0 and all(self.lora_targets)),
             f"--lora-targets must be module names separated by commas, e.g. query,value, got {self.lora_targets!r}",
         )
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(FinetuneConfig)}
+        for name in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+            flag = "--" + name.replace("_", "-")
+            check(
+                self.peft is not None or getattr(self, name) == defaults[name],
+                f"{flag} needs --peft lora, got {flag} {getattr(self, name)!r} without it",
+            )
+        for name in ("hub_model_id", "hub_private", "hub_token"):
+            check(
+                self.push_to_hub or getattr(self, name) == defaults[name],
+                f"--{name.replace('_', '-')} needs --push-to-hub (use rsoft-push for a finished run)",
+            )
         check(
             not self.push_to_hub or bool(self.hub_model_id),
             f"--push-to-hub needs --hub-model-id NAME, got {self.hub_model_id!r}",

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from rsoft_nlp.checkpointing import save_pretrained_atomic, write_json_atomic
-from rsoft_nlp.config import FinetuneConfig
+from rsoft_nlp.config import ConfigError, FinetuneConfig
 from rsoft_nlp.glue import GlueTask, get_task
 from rsoft_nlp.patching import load_model, patch_model
 
@@ -70,7 +70,13 @@ def build_model(cfg: FinetuneConfig, task: GlueTask):
             target_modules=list(cfg.lora_targets or DEFAULT_LORA_TARGETS),
             modules_to_save=["classifier"],
         )
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise ConfigError(
+                f"--lora-targets must name linear layers of {type(model).__name__}, got {list(lora.target_modules)} "
+                f"({error})"
+            ) from None
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         logger.info("LoRA: %d of %d parameters trainable", trainable, total)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rsoft_nlp import hub
+
 __all__ = ["HubAccessError", "check_write_access", "main", "model_card", "push_run"]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ def check_write_access(repo_id: str, token: str | None = None, private: bool = F
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
+    if not hub.hub_reachable():
+        raise HubAccessError("--push-to-hub needs the Hugging Face Hub, which is not reachable (offline)")
     api = HfApi(token=token)
     try:
         identity = api.whoami()

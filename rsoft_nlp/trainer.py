@@ -31,7 +31,7 @@ from rsoft_nlp.checkpointing import (
     save_checkpoint,
     write_json_atomic,
 )
-from rsoft_nlp.config import FinetuneConfig
+from rsoft_nlp.config import ConfigError, FinetuneConfig
 from rsoft_nlp.data import load_run_data, max_length_for, resolve_model_source, tokenize_splits
 from rsoft_nlp.glue import GlueTask, get_task
 from rsoft_nlp.metrics import compute_metrics
@@ -163,6 +163,8 @@ class LoopState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    train_runtime: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class _Run:
@@ -176,6 +178,8 @@ class _Run:
         self.output_dir = cfg.resolved_output_dir()
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.state = LoopState()
+        self.runtime_before = 0.0
+        self.session_started = time.perf_counter()
         self.stop_early = False
         # Stays empty when a run resumed from its final checkpoint evaluates nothing more.
         self.last_sparsity: dict = {}
@@ -249,7 +253,20 @@ class _Run:
         if path is None:
             logger.warning(f"--resume-from latest: no checkpoint in {self.checkpoints_dir} yet, starting afresh")
             return
-        self.state = LoopState(**load_checkpoint(self.accelerator, path))
+        state = LoopState(**load_checkpoint(self.accelerator, path))
+        changed = {
+            key: (state.settings[key], value)
+            for key, value in self.resume_settings().items()
+            if key in state.settings and state.settings[key] != value
+        }
+        if changed:
+            listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            raise ConfigError(
+                f"--resume-from must name a checkpoint of a run with the same settings, got {path} with {listed}; "
+                "resume with the settings it was written with, or start a new run in another --output-dir"
+            )
+        self.state = state
+        self.runtime_before = state.train_runtime
         logger.info(
             f"resumed from {path}: step {self.state.global_step}, epoch {self.state.epoch + 1}, "
             f"{self.state.batches_done} batches into it"
@@ -303,8 +320,20 @@ class _Run:
             logger.info(f"early stopping: {patience} evaluation(s) without a better {self.task.metric}")
             self.stop_early = True
 
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        cfg = self.cfg
+        keys = ("task", "model", "r", "layers", "peft", "epochs", "batch_size", "grad_accum", "max_length", "seed")
+        keys += ("max_train_samples",)
+        return {key: getattr(cfg, key) for key in keys} | {"processes": self.accelerator.num_processes}
+
+    def elapsed(self) -> float:
+        """Training time of the whole run, resumed parts included."""
+        return self.runtime_before + time.perf_counter() - self.session_started
+
     def _checkpoint(self) -> None:
         state = self.state
+        state.settings, state.train_runtime = self.resume_settings(), self.elapsed()
         save_checkpoint(
             self.accelerator, self.checkpoints_dir, state.global_step, vars(state).copy(), self.cfg.keep_checkpoints
         )
@@ -428,9 +457,9 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None, callba
     run.log_summary()
     run.resume()
 
-    started = time.perf_counter()
+    run.session_started = time.perf_counter()
     run.train()
-    train_runtime = time.perf_counter() - started
+    train_runtime = run.elapsed()
     save_finetuned(accelerator, run.model, run.tokenizer, output_dir, cfg)
     predictions = run.predict() if test_splits else []
 
@@ -447,7 +476,7 @@ def finetune(cfg: FinetuneConfig, accelerator: Accelerator | None = None, callba
         "train_loss": sum(h["train_loss"] for h in history) / len(history),
         "train_samples": train_samples,
         "train_runtime": round(train_runtime, 3),
-        "train_samples_per_second": round(train_samples * history[-1]["epoch"] / train_runtime, 3),
+        "train_samples_per_second": round(train_samples * history[-1]["epoch"] / max(train_runtime, 1e-9), 3),
         **{k: v for k, v in history[-1].items() if k.startswith("eval_")},
         "attention_sparsity": run.last_sparsity or None,
         "best_metric": state.best_metric,

@@ -197,3 +197,12 @@ def test_results_are_strict_json_with_default_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_lora_and_hub_flags_need_the_flag_that_enables_them(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("--lora-rank", "4", "--lora-targets", "query", "--hub-model-id", "me/x", "--hub-private")
+    err = capsys.readouterr().err
+    assert "--lora-rank needs --peft lora, got --lora-rank 4 without it" in err
+    assert "--lora-targets needs --peft lora" in err
+    assert "--hub-model-id needs --push-to-hub" in err and "--hub-private needs --push-to-hub" in err

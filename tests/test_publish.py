@@ -118,3 +118,12 @@ def test_push_to_hub_checks_the_token_before_training(hub, tiny_bert_dir, glue_d
                   script=script)  # fmt: skip
     assert done.returncode == 2 and "read-only token" in done.stderr and READ not in done.stderr
     assert not out.exists()
+
+
+def test_push_to_hub_offline_fails_before_training_naming_the_flag(offline):
+    from rsoft_nlp import hub
+    from rsoft_nlp.publish import HubAccessError, check_write_access
+
+    assert not hub.hub_reachable()
+    with pytest.raises(HubAccessError, match="--push-to-hub needs the Hugging Face Hub, which is not reachable"):
+        check_write_access("me/x", token="hf_secret")

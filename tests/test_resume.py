@@ -206,3 +206,16 @@ def test_resuming_from_the_final_checkpoint_trains_no_more(tiny_bert_dir, tmp_pa
                      callbacks=[recorder])  # fmt: skip
     assert not recorder.batches and again["global_step"] == first["global_step"] == 6
     assert again["history"] == first["history"]
+    # The runtime covers the whole run up to its last checkpoint, not only the (empty) resumed part.
+    state = json.loads((find_checkpoints(out / "checkpoints")[-1] / "trainer_state.json").read_text())
+    assert again["train_runtime"] >= state["train_runtime"] > 0
+
+
+def test_resuming_with_other_settings_is_refused(tiny_bert_dir, tmp_path):
+    from rsoft_nlp.config import ConfigError
+
+    data = write_sst2(tmp_path, 8)
+    out = tmp_path / "run"
+    finetune(resume_config(tiny_bert_dir, data, out, epochs=1, checkpoint_every=2))
+    with pytest.raises(ConfigError, match="same settings.*r 0.25 -> 0.5, batch_size 2 -> 4"):
+        finetune(resume_config(tiny_bert_dir, data, out, epochs=1, batch_size=4, r=0.5, resume_from="latest"))
