@@ -87,7 +87,10 @@ def load_run_data(cfg: FinetuneConfig, task: GlueTask) -> tuple[DatasetDict, lis
         raise FileNotFoundError(f"task {task.name!r} needs a train and an evaluation split, found {list(raw)}")
     test_splits = [split for split in task.test_splits if split in raw] if cfg.do_predict else []
     if cfg.do_predict and not test_splits:
-        raise FileNotFoundError(f"--do-predict needs the test split(s) {list(task.test_splits)}, found {list(raw)}")
+        raise FileNotFoundError(
+            f"--do-predict needs the test split(s) {list(task.test_splits)}, found {list(raw)}: give --test-file, "
+            "or a --data-dir whose task folder holds the test TSV file(s)"
+        )
     raw["train"] = subsample(raw["train"], cfg.max_train_samples)
     # The same limit for every evaluation split (MNLI matched and mismatched alike).
     for split in eval_splits:
