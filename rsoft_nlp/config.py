@@ -118,9 +118,7 @@ class FinetuneConfig:
         problems = self._type_problems()
         if problems:
             # The other rules need well-typed values; only the output folder's can still be checked.
-            if not any(problem.startswith(("--output-dir", "--task", "--r ")) for problem in problems):
-                problems += self._output_problems()
-            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems + self._output_problems()))
 
         def check(ok: bool, message: str) -> None:
             if not ok:
@@ -237,6 +235,10 @@ class FinetuneConfig:
         return f"FinetuneConfig({shown})"
 
     def _output_problems(self) -> list[str]:
+        """The output folder's rule; empty when the settings it is derived from are themselves of the wrong type."""
+        typed = isinstance(self.output_dir, (str, type(None))) and isinstance(self.task, str)
+        if not typed or not isinstance(self.r, (int, float, type(None))) or isinstance(self.r, bool):
+            return []
         output = self.resolved_output_dir()
         if output.exists() and not output.is_dir():
             return [f"--output-dir must be a folder (it may exist), got the file {str(output)!r}"]
