@@ -191,6 +191,80 @@ def test_backend_choice_env_var_and_errors(monkeypatch, caplog):
         r_softmax(x, 0.5, backend="cpu")
 
 
+LONG_ROWS = [(31, 0.2), (64, 0.5), (100, 0.0), (128, 0.2), (128, 1.0), (257, 0.35), (512, 0.2), (512, None)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("k_len", "rate"), LONG_ROWS)
+def test_attention_length_rows_match_the_reference_path(k_len, rate, dtype):
+    # Rows of attention length take several selection rounds; the property test above covers short rows.
+    gen = torch.Generator().manual_seed(k_len)
+    x = torch.randn(4, 3, 6, k_len, generator=gen, dtype=torch.float64) * 3  # (batch, heads, q_len, k_len)
+    x[0, :, :, k_len // 3 :] += torch.finfo(torch.float32).min  # padded batch entry, additive mask
+    x[1, :, :, k_len - 5 :] = -math.inf
+    x[2, 0] = torch.randint(-2, 3, (6, k_len), generator=gen).double()  # ties everywhere
+    x[2, 1, :, : k_len // 2] = 7.0  # a tied maximum over half the row
+    x[3, 2, 0] = -math.inf  # a fully masked row
+    x = x.to(dtype)
+    r = torch.rand(4, 3, 6, 1, generator=gen) if rate is None else rate
+    upstream = torch.randn(x.shape, generator=gen).to(dtype)
+    results = {}
+    for path in ("torch", "cpu"):
+        leaf = x.clone().requires_grad_(True)
+        out = r_softmax(leaf, r, backend=path)
+        (out.float() * upstream.float()).sum().backward()
+        results[path] = (out, leaf.grad)
+    (ref, ref_grad), (fused, fused_grad) = results["torch"], results["cpu"]
+    torch.testing.assert_close(fused, ref, atol=VALUE_ATOL[dtype], rtol=0)
+    assert torch.equal(fused == 0, ref == 0) or dtype != torch.float32
+    scale = ref_grad.double().abs().amax(dim=-1, keepdim=True) + 1
+    assert ((fused_grad.double() - ref_grad.double()).abs() <= GRAD_RTOL[dtype] * scale).all()
+    assert (fused[3, 2, 0] == 0).all() and (fused_grad[3, 2, 0] == 0).all()
+
+
+ISA_CHECK = "from rsoft_nlp.kernels import cpu; print(cpu.describe())"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+def test_every_instruction_set_build_passes_the_kernel_tests(isa):
+    # The default build is the widest one this CPU runs; build each narrower one too and rerun the kernel tests on it.
+    if isa not in cpu.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    env = dict(os.environ, RSOFT_CPU_ISA=isa, PYTHONPATH=str(ROOT))
+    built = subprocess.run(
+        [sys.executable, "-c", ISA_CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    lanes = {"avx512": 16, "avx2": 8, "base": 1}[isa]
+    assert built.stdout.strip() == f"{isa} build, {lanes} float32 lanes"
+    if isa == cpu.supported_isas()[0]:
+        return  # the default build, which the rest of this file already tests
+    selection = "properties_and_paths_agree or attention_length_rows or jacobian or edge_rows"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}", "-k", selection],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_cpu_isa_variable_is_checked(monkeypatch):
+    monkeypatch.setenv(cpu.ISA_ENV_VAR, "sse9")
+    with pytest.raises(RuntimeError, match="RSOFT_CPU_ISA must be one of auto, avx512, avx2, base, got 'sse9'"):
+        cpu._isa()
+    monkeypatch.setattr(cpu, "supported_isas", lambda: ["base"])
+    monkeypatch.setenv(cpu.ISA_ENV_VAR, "AVX512")
+    with pytest.raises(RuntimeError, match="RSOFT_CPU_ISA=avx512 cannot run here: this CPU and torch support base"):
+        cpu._isa()
+    monkeypatch.setenv(cpu.ISA_ENV_VAR, "auto")
+    assert cpu._isa() == "base"
+
+
 @needs_cpu_kernel
 def test_auto_uses_the_fused_kernel_on_cpu_and_handles_edge_rows():
     x = torch.tensor([[-math.inf] * 3, [1.0, -math.inf, -math.inf], [2.0, 2.0, 1.0]], requires_grad=True)

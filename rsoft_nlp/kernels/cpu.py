@@ -2,11 +2,17 @@
 
 The extension is built with ``torch.utils.cpp_extension.load`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 by default under ``~/.cache/torch_extensions``); the first build takes about a minute, later imports reuse it.
+
+It is built for the widest instruction set that both this CPU and torch's own kernels use: ``"avx512"`` (16 float32
+lanes), ``"avx2"`` (8 lanes) or ``"base"`` (portable C++, whatever the compiler makes of it). The environment
+variable ``RSOFT_CPU_ISA`` picks a narrower one, e.g. to compare them; a wider one than the CPU has is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -22,23 +28,76 @@ from rsoft_nlp.kernels._ops import define_fused_op
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("rsoftmax_cpu.cpp")
+_HEADER = Path(__file__).with_name("rsoftmax_simd.h")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
+# Widest first. F16C converts half rows; every AVX2 CPU has it, but it is checked like the rest.
+_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "base": [],
+}
+_ISA_CPU_FLAGS = {
+    "avx512": {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "base": set(),
+}
+ISA_ENV_VAR = "RSOFT_CPU_ISA"
 _lock = threading.Lock()
 _module: ModuleType | None = None
+_module_isa: str | None = None
 _failure: str | None = None
 
 
-def _isa() -> str:
-    """``"avx2"`` when torch runs AVX2 (or AVX-512) kernels on this CPU, else ``"base"``."""
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or ``None`` where that file cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets the kernel can be built for here, widest first; ``"base"`` is always last."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["base"]
+    # NOTE: torch's capability also honours ATEN_CPU_CAPABILITY, so lowering torch's kernels lowers this one too.
     capability = torch.backends.cpu.get_cpu_capability()
-    return "avx2" if capability in ("AVX2", "AVX512") and platform.machine() in ("x86_64", "AMD64") else "base"
+    torch_isas = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(capability, [])
+    flags = _cpu_flags()
+    return [isa for isa in torch_isas if flags is None or _ISA_CPU_FLAGS[isa] <= flags] + ["base"]
+
+
+def _isa() -> str:
+    """The instruction set to build for: ``RSOFT_CPU_ISA`` when set, else the widest supported one.
+
+    Raises:
+        RuntimeError: If ``RSOFT_CPU_ISA`` names an unknown instruction set or one this CPU cannot run.
+    """
+    supported = supported_isas()
+    wanted = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    if not wanted or wanted == "auto":
+        return supported[0]
+    if wanted not in _ISA_FLAGS:
+        raise RuntimeError(f"{ISA_ENV_VAR} must be one of auto, {', '.join(_ISA_FLAGS)}, got {wanted!r}")
+    if wanted not in supported:
+        raise RuntimeError(
+            f"{ISA_ENV_VAR}={wanted} cannot run here: this CPU and torch support {', '.join(supported)}"
+        )
+    return wanted
 
 
 def _build_flags(isa: str) -> list[str]:
     # NOTE: no -march=native, so a shared extension cache never holds code for another CPU: the build is named after
-    # the ISA it targets. -ffp-contract=off keeps a * b + c rounded as two ops, as the reference path computes it;
-    # -fno-trapping-math only lets the compiler turn the kernel's selects into vector blends (values are unchanged).
-    return _FLAGS + (["-mavx2", "-mfma"] if isa == "avx2" else [])
+    # the ISA it targets. -ffp-contract=off keeps a * b + c rounded as two ops in the portable rows, as the reference
+    # path computes it; -fno-trapping-math only lets the compiler turn their selects into vector blends.
+    # The header's hash is passed as a define because torch's extension cache versions a build by its sources and
+    # flags, not by the headers they include.
+    header_hash = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
+    return _FLAGS + _ISA_FLAGS[isa] + [f"-DRSOFT_SIMD_HEADER_{header_hash}"]
 
 
 def toolchain_missing() -> str | None:
@@ -62,7 +121,7 @@ def load() -> ModuleType:
     Raises:
         RuntimeError: If the toolchain is missing or the build fails; the reason is remembered and raised again.
     """
-    global _module, _failure
+    global _module, _module_isa, _failure
     if _module is not None:
         return _module
     with _lock:
@@ -74,10 +133,14 @@ def load() -> ModuleType:
             raise RuntimeError(_failure)
         from torch.utils.cpp_extension import load as load_extension
 
-        isa = _isa()
+        try:
+            isa = _isa()
+        except RuntimeError as error:
+            _failure = str(error)
+            raise
         logger.info("Loading the fused r-softmax CPU kernel for %s (compiled on first use, cached afterwards)", isa)
         try:
-            _module = load_extension(
+            module = load_extension(
                 name=f"rsoft_nlp_rsoftmax_cpu_{isa}",
                 sources=[str(_SOURCE)],
                 extra_cflags=_build_flags(isa),
@@ -87,6 +150,8 @@ def load() -> ModuleType:
         except Exception as error:  # noqa: BLE001 - any build failure means "use the reference path"
             _failure = f"building the fused CPU kernel failed: {error}"
             raise RuntimeError(_failure) from error
+        _module, _module_isa = module, isa
+        logger.info("Fused r-softmax CPU kernel: %s build, %d float32 lanes", isa, module.simd_width())
     return _module
 
 
@@ -97,6 +162,12 @@ def missing_reason() -> str | None:
     except RuntimeError as error:
         return str(error)
     return None
+
+
+def describe() -> str:
+    """The loaded build, e.g. ``"avx512 build, 16 float32 lanes"``; loads it first (the first call may compile)."""
+    module = load()
+    return f"{_module_isa} build, {module.simd_width()} float32 lanes"
 
 
 def is_loaded() -> bool:

@@ -1,8 +1,13 @@
 // Fused r-softmax for CPU tensors: forward and backward over rows of a contiguous (rows, k_len) matrix.
 //
+// Two implementations of the same per-row computation:
+// * rsoftmax_simd.h: AVX-512 or AVX2 rows for float32 compute (float, bfloat16 and half inputs), used when the build
+//   targets one of them (the Python loader builds for the best instruction set this CPU and torch support);
+// * the portable rows below: float64, and every dtype on builds without AVX2.
+//
 // Forward, per row: one pass for the max (and the index torch.max would pick), one pass for z = x - max and
-// e = exp(z), a copy of the unmasked z's (e > 0) into per-thread scratch, a quickselect for the two order statistics
-// of the linearly interpolated r-quantile, then weights relu(z + t) * e and their normalisation.
+// e = exp(z), a selection of the two order statistics of the linearly interpolated r-quantile among the unmasked
+// keys (e > 0), then weights relu(z + t) * e and their normalisation.
 // Per-row state kept for the backward: the shift (the row max, or 0 when it is not finite), t, the normaliser and
 // the max's index (-1 when the max is not finite, so that no gradient flows into it, as in the reference path).
 //
@@ -14,12 +19,16 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "rsoftmax_simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
 
 namespace {
 
@@ -121,14 +130,8 @@ void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64
   acc_t above = std::numeric_limits<acc_t>::infinity();
   int rounds = 0;
   while (m > 8) {
-    if (++rounds > 64) {
-      // Pathological pivots: finish with the standard library's introselect.
-      std::nth_element(cur, cur + k, cur + m);
-      *lo_out = cur[k];
-      if (need_next && k + 1 < m) {
-        above = std::min(above, *std::min_element(cur + k + 1, cur + m));
-      }
-      *hi_out = above;
+    if (++rounds > rsoft_select::kMaxRounds) {
+      rsoft_select::introselect(cur, m, k, above, lo_out, hi_out);
       return;
     }
     const acc_t pivot = median_of_three(cur[0], cur[m / 2], cur[m - 1]);
@@ -143,33 +146,19 @@ void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64
       more[n_more] = v;
       n_more += v > pivot;
     }
-    const int64_t n_equal = m - n_less - n_more;
-    if (k < n_less) {
-      above = pivot;
-      cur = less;
-      m = n_less;
-    } else if (k < n_less + n_equal) {
-      *lo_out = pivot;
+    acc_t next = 0;
+    if (rsoft_select::narrow(pivot, less, n_less, more, n_more, &cur, &m, &k, &above, lo_out, &next)) {
       if (need_next) {
-        if (k + 1 < n_less + n_equal) {
-          *hi_out = pivot;
-        } else if (n_more > 0) {
-          *hi_out = *std::min_element(more, more + n_more);
-        } else {
-          *hi_out = above;
-        }
+        *hi_out = next;
       }
       return;
-    } else {
-      k -= n_less + n_equal;
-      cur = more;
-      m = n_more;
     }
   }
   std::sort(cur, cur + m);
   *lo_out = cur[k];
   *hi_out = k + 1 < m ? cur[k + 1] : above;
 }
+
 
 
 template <typename scalar_t, typename acc_t>
@@ -292,6 +281,31 @@ void backward_rows(const scalar_t* grad, const scalar_t* x, const acc_t* stats, 
   });
 }
 
+// The vectorised rows where the build has them and the compute dtype is float, the portable rows otherwise.
+template <typename scalar_t, typename acc_t>
+void run_forward(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats, int64_t* argmax, int64_t rows,
+                 int64_t k_len, acc_t eps) {
+#ifdef RSOFT_SIMD_WIDTH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    rsoft_simd::forward_rows<scalar_t>(x, r, out, stats, argmax, rows, k_len, eps, kGrainRows);
+    return;
+  }
+#endif
+  forward_rows<scalar_t, acc_t>(x, r, out, stats, argmax, rows, k_len, eps);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_backward(const scalar_t* grad, const scalar_t* x, const acc_t* stats, const int64_t* argmax,
+                  scalar_t* grad_x, int64_t rows, int64_t k_len) {
+#ifdef RSOFT_SIMD_WIDTH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    rsoft_simd::backward_rows<scalar_t>(grad, x, stats, argmax, grad_x, rows, k_len, kGrainRows);
+    return;
+  }
+#endif
+  backward_rows<scalar_t, acc_t>(grad, x, stats, argmax, grad_x, rows, k_len);
+}
+
 void check_inputs(const torch::Tensor& x, const torch::Tensor& r) {
   TORCH_CHECK(x.device().is_cpu() && r.device().is_cpu(), "`scores` must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "`scores` must be 2-D (rows, k_len), got ", x.dim(), " dimensions");
@@ -313,7 +327,7 @@ std::vector<torch::Tensor> forward(const torch::Tensor& scores, const torch::Ten
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rsoftmax_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_rows<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rates.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
+    run_forward<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rates.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
                                   stats.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), x.size(0), x.size(1),
                                   static_cast<acc_t>(eps));
   });
@@ -333,7 +347,7 @@ torch::Tensor backward(const torch::Tensor& grad, const torch::Tensor& scores, c
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rsoftmax_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_rows<scalar_t, acc_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), state.data_ptr<acc_t>(),
+    run_backward<scalar_t, acc_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), state.data_ptr<acc_t>(),
                                    top.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), x.size(0), x.size(1));
   });
   return grad_x;
@@ -341,7 +355,16 @@ torch::Tensor backward(const torch::Tensor& grad, const torch::Tensor& scores, c
 
 }  // namespace
 
+int64_t simd_width() {
+#ifdef RSOFT_SIMD_WIDTH
+  return RSOFT_SIMD_WIDTH;
+#else
+  return 1;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "Fused r-softmax forward over the rows of a (rows, k_len) tensor");
+  m.def("simd_width", &simd_width, "float32 lanes per instruction of this build (1: the portable rows only)");
   m.def("backward", &backward, "Fused r-softmax backward with the threshold held constant");
 }
