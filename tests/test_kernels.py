@@ -34,6 +34,12 @@ def threshold_of(x, r):
     return (-q.reshape(x.shape[:-1] + (1,)) + 1e-8).to(x.dtype)
 
 
+def run_pytest(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """pytest in a child process with `env`, from the repository root, output captured."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
 @st.composite
 def cases(draw):
     """Scores with masks, ties and padding, a rate (float or per-row tensor), a dim and a dtype."""
@@ -242,14 +248,7 @@ def test_every_instruction_set_build_passes_the_kernel_tests(isa):
     if isa == cpu.supported_isas()[0]:
         return  # the default build, which the rest of this file already tests
     selection = "properties_and_paths_agree or attention_length_rows or jacobian or edge_rows"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}", "-k", selection],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_pytest(env, __file__, "-k", selection)
     assert done.returncode == 0, done.stdout[-3000:]
 
 
@@ -321,12 +320,5 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_path():
 def test_reference_path_still_passes_the_operator_tests():
     # With a fused kernel present, "auto" sends tests/test_rsoftmax.py through it; rerun them on the reference path.
     env = dict(os.environ, RSOFT_BACKEND="torch", PYTHONPATH=str(ROOT))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_rsoftmax.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_pytest(env, str(ROOT / "tests" / "test_rsoftmax.py"))
     assert done.returncode == 0, done.stdout[-3000:]

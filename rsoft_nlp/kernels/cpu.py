@@ -30,21 +30,17 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("rsoftmax_cpu.cpp")
 _HEADER = Path(__file__).with_name("rsoftmax_simd.h")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
-# Widest first. F16C converts half rows; every AVX2 CPU has it, but it is checked like the rest.
+# Widest first, with the float32 lanes of each build. Each -m<feature> flag names a /proc/cpuinfo flag the CPU must
+# have. F16C converts half rows; every AVX2 CPU has it, but it is checked like the rest.
 _ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "base": [],
 }
-_ISA_CPU_FLAGS = {
-    "avx512": {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx2", "fma", "f16c"},
-    "avx2": {"avx2", "fma", "f16c"},
-    "base": set(),
-}
+_ISA_LANES = {"avx512": 16, "avx2": 8, "base": 1}
 ISA_ENV_VAR = "RSOFT_CPU_ISA"
 _lock = threading.Lock()
 _module: ModuleType | None = None
-_module_isa: str | None = None
 _failure: str | None = None
 
 
@@ -68,7 +64,8 @@ def supported_isas() -> list[str]:
     capability = torch.backends.cpu.get_cpu_capability()
     torch_isas = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(capability, [])
     flags = _cpu_flags()
-    return [isa for isa in torch_isas if flags is None or _ISA_CPU_FLAGS[isa] <= flags] + ["base"]
+    needs = {isa: {flag.removeprefix("-m") for flag in _ISA_FLAGS[isa]} for isa in torch_isas}
+    return [isa for isa in torch_isas if flags is None or needs[isa] <= flags] + ["base"]
 
 
 def _isa() -> str:
@@ -121,7 +118,7 @@ def load() -> ModuleType:
     Raises:
         RuntimeError: If the toolchain is missing or the build fails; the reason is remembered and raised again.
     """
-    global _module, _module_isa, _failure
+    global _module, _failure
     if _module is not None:
         return _module
     with _lock:
@@ -140,7 +137,7 @@ def load() -> ModuleType:
             raise
         logger.info("Loading the fused r-softmax CPU kernel for %s (compiled on first use, cached afterwards)", isa)
         try:
-            module = load_extension(
+            _module = load_extension(
                 name=f"rsoft_nlp_rsoftmax_cpu_{isa}",
                 sources=[str(_SOURCE)],
                 extra_cflags=_build_flags(isa),
@@ -150,8 +147,7 @@ def load() -> ModuleType:
         except Exception as error:  # noqa: BLE001 - any build failure means "use the reference path"
             _failure = f"building the fused CPU kernel failed: {error}"
             raise RuntimeError(_failure) from error
-        _module, _module_isa = module, isa
-        logger.info("Fused r-softmax CPU kernel: %s build, %d float32 lanes", isa, module.simd_width())
+        logger.info("Fused r-softmax CPU kernel: %s build, %d float32 lanes", isa, _module.simd_width())
     return _module
 
 
@@ -166,8 +162,9 @@ def missing_reason() -> str | None:
 
 def describe() -> str:
     """The loaded build, e.g. ``"avx512 build, 16 float32 lanes"``; loads it first (the first call may compile)."""
-    module = load()
-    return f"{_module_isa} build, {module.simd_width()} float32 lanes"
+    lanes = load().simd_width()
+    isa = next(name for name, count in _ISA_LANES.items() if count == lanes)
+    return f"{isa} build, {lanes} float32 lanes"
 
 
 def is_loaded() -> bool:

@@ -117,12 +117,11 @@ inline acc_t median_of_three(acc_t a, acc_t b, acc_t c) {
   return std::max(std::min(a, b), std::min(std::max(a, b), c));
 }
 
-// Order statistics k and k + 1 (0-based; the second only if need_next) of values[0, n), by quickselect with a
+// Order statistics k and k + 1 (0-based; +inf for the second when k + 1 == n) of values[0, n), by quickselect with a
 // three-way, branch-free partition into two scratch buffers. `values`, `spare_a` and `spare_b` each hold n slots
 // and are overwritten. Ties are handled by the "equal to pivot" block, so repeated values cost no extra passes.
 template <typename acc_t>
-void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64_t k, bool need_next, acc_t* lo_out,
-                 acc_t* hi_out) {
+void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64_t k, acc_t* lo_out, acc_t* hi_out) {
   acc_t* cur = values;
   acc_t* bufs[3] = {values, spare_a, spare_b};
   int64_t m = n;
@@ -146,11 +145,7 @@ void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64
       more[n_more] = v;
       n_more += v > pivot;
     }
-    acc_t next = 0;
-    if (rsoft_select::narrow(pivot, less, n_less, more, n_more, &cur, &m, &k, &above, lo_out, &next)) {
-      if (need_next) {
-        *hi_out = next;
-      }
+    if (rsoft_select::narrow(pivot, less, n_less, more, n_more, &cur, &m, &k, &above, lo_out, hi_out)) {
       return;
     }
   }
@@ -158,8 +153,6 @@ void select_pair(acc_t* values, acc_t* spare_a, acc_t* spare_b, int64_t n, int64
   *lo_out = cur[k];
   *hi_out = k + 1 < m ? cur[k + 1] : above;
 }
-
-
 
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats, int64_t* argmax, int64_t rows,
@@ -196,19 +189,10 @@ void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats
         n += e[i] > acc_t(0);
       }
 
-      // The r-quantile of the unmasked z's, linear interpolation at position r * (n - 1).
-      acc_t quantile = 0;
-      if (n > 0) {
-        const acc_t position = static_cast<acc_t>(n - 1) * r[row];
-        const acc_t lo = std::floor(position);
-        const acc_t frac = position - lo;
-        const int64_t lo_index = std::min<int64_t>(static_cast<int64_t>(lo), n - 1);
-        const bool interpolate = frac > acc_t(0) && lo_index + 1 < n;
-        acc_t q_lo = 0;
-        acc_t q_hi = 0;
-        select_pair(pick.data(), spare_a.data(), spare_b.data(), n, lo_index, interpolate, &q_lo, &q_hi);
-        quantile = interpolate ? q_lo + frac * (q_hi - q_lo) : q_lo;
-      }
+      // The r-quantile of the unmasked z's.
+      const acc_t quantile = rsoft_select::interpolated_quantile(n, r[row], [&](int64_t rank, acc_t* lo, acc_t* hi) {
+        select_pair(pick.data(), spare_a.data(), spare_b.data(), n, rank, lo, hi);
+      });
       const acc_t t = -quantile + eps;
 
       // Pass 3: weights and their sum; pass 4: normalisation.

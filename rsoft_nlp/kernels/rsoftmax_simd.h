@@ -71,6 +71,23 @@ void introselect(acc_t* cur, int64_t m, int64_t k, acc_t above, acc_t* lo_out, a
   *hi_out = k + 1 < m ? std::min(above, *std::min_element(cur + k + 1, cur + m)) : above;
 }
 
+// The r-quantile of n values by linear interpolation at position r * (n - 1), 0 when n is 0.
+// `select(rank, &lo, &hi)` returns the values at 0-based rank `rank` and rank + 1 among the n.
+template <typename acc_t, typename Select>
+acc_t interpolated_quantile(int64_t n, acc_t r, Select select) {
+  if (n == 0) {
+    return acc_t(0);
+  }
+  const acc_t position = static_cast<acc_t>(n - 1) * r;
+  const acc_t lo = std::floor(position);
+  const acc_t frac = position - lo;
+  const int64_t lo_index = std::min<int64_t>(static_cast<int64_t>(lo), n - 1);
+  acc_t q_lo = 0;
+  acc_t q_hi = 0;
+  select(lo_index, &q_lo, &q_hi);
+  return frac > acc_t(0) && lo_index + 1 < n ? q_lo + frac * (q_hi - q_lo) : q_lo;
+}
+
 constexpr int kMaxRounds = 64;
 
 }  // namespace rsoft_select
@@ -518,7 +535,8 @@ void forward_rows(const scalar_t* x, const float* r, scalar_t* out, float* stats
       }
       top_index = top_index < k_len ? top_index : 0;
       const bool finite_top = std::isfinite(top);
-      const Vec shift = Ops::set1(finite_top ? top : 0.0f);
+      const float shift_value = finite_top ? top : 0.0f;
+      const Vec shift = Ops::set1(shift_value);
 
       // Pass 2: exponentials, and the shifted scores for selection with masked keys (e == 0, or NaN) at -inf,
       // below every unmasked key, so that the unmasked keys' order statistics sit above them.
@@ -532,19 +550,10 @@ void forward_rows(const scalar_t* x, const float* r, scalar_t* out, float* stats
         n += __builtin_popcount(Ops::bits(keep));
       }
 
-      // The r-quantile of the unmasked z's, linear interpolation at position r * (n - 1).
-      float quantile = 0.0f;
-      if (n > 0) {
-        const float position = static_cast<float>(n - 1) * r[row];
-        const float lo = std::floor(position);
-        const float frac = position - lo;
-        const int64_t lo_index = std::min<int64_t>(static_cast<int64_t>(lo), n - 1);
-        const bool interpolate = frac > 0.0f && lo_index + 1 < n;
-        float q_lo = 0.0f;
-        float q_hi = 0.0f;
-        select_pair(sel, spare_a, spare_b, width, lo_index + (width - n), &q_lo, &q_hi);
-        quantile = interpolate ? q_lo + frac * (q_hi - q_lo) : q_lo;
-      }
+      // The r-quantile of the unmasked z's: their ranks sit above the width - n masked keys at -inf.
+      const float quantile = rsoft_select::interpolated_quantile(n, r[row], [&](int64_t rank, float* lo, float* hi) {
+        select_pair(sel, spare_a, spare_b, width, rank + (width - n), lo, hi);
+      });
       const float t = -quantile + eps;
 
       // Pass 3: weights times exponentials and their sum; pass 4: normalisation.
@@ -566,7 +575,7 @@ void forward_rows(const scalar_t* x, const float* r, scalar_t* out, float* stats
       if (!direct) {
         unstage(staged, k_len, out + row * k_len);
       }
-      stats[3 * row] = finite_top ? top : 0.0f;
+      stats[3 * row] = shift_value;
       stats[3 * row + 1] = t;
       stats[3 * row + 2] = total;
       argmax[row] = finite_top ? top_index : -1;
