@@ -10,9 +10,11 @@ the eager softmax step.
 r-softmax is swapped in through an attention function registered with transformers' ``AttentionInterface`` (and the
 eager mask function, so the padding mask reaches it), independent of the package's own model patching.
 
+Like ``bench_rsoftmax.py``, it keeps freed memory in the process by default (``--heap keep``, see ``bench_heap.py``).
+
 Usage::
 
-    python scripts/bench_step.py [--quick] [--models minilm,bert-base] [--out runs/bench]
+    python scripts/bench_step.py [--quick] [--models minilm,bert-base] [--heap keep|system] [--out runs/bench]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bench_heap
 import torch
 import transformers
 from torch import nn
@@ -31,6 +34,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from rsoft_nlp import r_softmax
+from rsoft_nlp.checkpointing import write_text_atomic
 from rsoft_nlp.kernels import cpu
 
 logger = logging.getLogger("bench_step")
@@ -133,9 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    parser.add_argument(
+        "--heap",
+        choices=bench_heap.HEAP_CHOICES,
+        default="keep",
+        help="keep: reuse freed memory so no variant is timed faulting in fresh pages (default); system: C defaults",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     transformers.logging.set_verbosity_error()
+    heap_note = bench_heap.apply(args.heap)
+    logger.info(heap_note)
 
     transformers.AttentionInterface.register(ATTENTION_NAME, rsoftmax_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
@@ -148,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"batch {args.batch_size} x {args.length} tokens (half of the batch padded 20-40%), r={args.r}, AdamW, "
         "train mode (dropout on). Median of the timed steps after one warm-up step per variant, interleaved.",
+        f"{heap_note[0].upper()}{heap_note[1:]} (`--heap`).",
         "",
         "| model | variant | timed steps | median s/step | x eager softmax |",
         "|---|---|---|---|---|",
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant, seconds in medians.items():
             lines.append(f"| {name} | {variant} | {repeats} | {seconds:.2f} | {seconds / base:.3f} |")
             logger.info("%s %s: %.2f s/step (%.3fx eager softmax)", name, variant, seconds, seconds / base)
-    (args.out / "bench_step.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "bench_step.md", "\n".join(lines) + "\n")
     logger.info("wrote %s", args.out / "bench_step.md")
 
 

@@ -229,6 +229,51 @@ def test_attention_length_rows_match_the_reference_path(k_len, rate, dtype):
     assert (fused[3, 2, 0] == 0).all() and (fused_grad[3, 2, 0] == 0).all()
 
 
+def selection_rows(k_len: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows that stress the selection of order statistics: ties, few distinct values, sorted runs, clusters.
+
+    Unmasked values stay within 60 of the row's max, far from where exp underflows (which would mask them).
+    """
+    base = torch.randn(k_len, generator=gen, dtype=torch.float64)
+    rows = [
+        base * 3,
+        torch.randint(0, 3, (k_len,), generator=gen).double(),  # three distinct values
+        torch.arange(k_len).double() * (60 / k_len),  # ascending
+        -torch.arange(k_len).double() * (60 / k_len),  # descending
+        torch.zeros(k_len, dtype=torch.float64),  # all tied
+        (base.exp() * 10).clamp(max=60),  # a long tail
+        torch.randint(0, 4, (k_len,), generator=gen).double() * 10 + base * 1e-3,  # tight clusters
+        torch.where(torch.arange(k_len) % 2 == 0, base, torch.full_like(base, 1.5)),  # half tied in the middle
+    ]
+    rows = torch.stack(rows)
+    masked = rows.clone()
+    masked[:, ::3] += torch.finfo(torch.float32).min  # every third key masked
+    return torch.cat([rows, masked]).float()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("k_len", [2, 16, 17, 32, 33, 48, 127, 128, 256, 1000, 2048, 20000])
+def test_threshold_is_the_exact_interpolated_quantile(k_len):
+    # Every row length and value pattern the selection treats differently: rows of one or two vectors, the sampled
+    # search, rows long enough that quickselect has to finish after it, and rows too long for the sampled search.
+    gen = torch.Generator().manual_seed(1000 + k_len)
+    x = selection_rows(k_len, gen)
+    rates = torch.tensor([0.0, 0.2, 0.5, 1.0, 0.37, 0.9, 0.05, 0.75])
+    x = x.repeat(len(rates), 1)
+    r = rates.repeat_interleave(len(x) // len(rates))
+    eps = 1e-8
+    _, stats, _ = cpu.load().forward(x, r, eps)
+    z = x.double() - x.double().amax(dim=-1, keepdim=True)
+    for row in range(len(x)):
+        values = torch.sort(z[row][x[row] > torch.finfo(torch.float32).min / 2]).values.float()
+        position = (len(values) - 1) * r[row]
+        lo = int(torch.floor(position))
+        frac = float(position - lo)
+        quantile = values[lo] + frac * (values[min(lo + 1, len(values) - 1)] - values[lo])
+        scale = values.abs().max() + 1
+        assert abs(float(stats[row, 1]) - (eps - float(quantile))) <= 1e-6 * float(scale), (row, float(r[row]))
+
+
 ISA_CHECK = "from rsoft_nlp.kernels import cpu; print(cpu.describe())"
 
 
@@ -247,7 +292,9 @@ def test_every_instruction_set_build_passes_the_kernel_tests(isa):
     assert built.stdout.strip() == f"{isa} build, {lanes} float32 lanes"
     if isa == cpu.supported_isas()[0]:
         return  # the default build, which the rest of this file already tests
-    selection = "properties_and_paths_agree or attention_length_rows or jacobian or edge_rows"
+    selection = " or ".join(
+        ["properties_and_paths_agree", "attention_length_rows", "exact_interpolated_quantile", "jacobian", "edge_rows"]
+    )
     done = run_pytest(env, __file__, "-k", selection)
     assert done.returncode == 0, done.stdout[-3000:]
 

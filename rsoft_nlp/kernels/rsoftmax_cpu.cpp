@@ -189,10 +189,15 @@ void forward_rows(const scalar_t* x, const acc_t* r, scalar_t* out, acc_t* stats
         n += e[i] > acc_t(0);
       }
 
-      // The r-quantile of the unmasked z's.
-      const acc_t quantile = rsoft_select::interpolated_quantile(n, r[row], [&](int64_t rank, acc_t* lo, acc_t* hi) {
-        select_pair(pick.data(), spare_a.data(), spare_b.data(), n, rank, lo, hi);
-      });
+      // The r-quantile of the unmasked z's, 0 when there are none.
+      acc_t quantile = 0;
+      if (n > 0) {
+        const auto at = rsoft_select::quantile_at(n, r[row]);
+        acc_t lo = 0;
+        acc_t hi = 0;
+        select_pair(pick.data(), spare_a.data(), spare_b.data(), n, at.rank, &lo, &hi);
+        quantile = rsoft_select::interpolate(at, n, lo, hi);
+      }
       const acc_t t = -quantile + eps;
 
       // Pass 3: weights and their sum; pass 4: normalisation.

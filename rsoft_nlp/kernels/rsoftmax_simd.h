@@ -71,21 +71,25 @@ void introselect(acc_t* cur, int64_t m, int64_t k, acc_t above, acc_t* lo_out, a
   *hi_out = k + 1 < m ? std::min(above, *std::min_element(cur + k + 1, cur + m)) : above;
 }
 
-// The r-quantile of n values by linear interpolation at position r * (n - 1), 0 when n is 0.
-// `select(rank, &lo, &hi)` returns the values at 0-based rank `rank` and rank + 1 among the n.
-template <typename acc_t, typename Select>
-acc_t interpolated_quantile(int64_t n, acc_t r, Select select) {
-  if (n == 0) {
-    return acc_t(0);
-  }
+// Where the r-quantile of n > 0 values sits when interpolating linearly at position r * (n - 1): `frac` of the way
+// from the value at 0-based rank `rank` to the one at rank + 1.
+template <typename acc_t>
+struct QuantileAt {
+  int64_t rank;
+  acc_t frac;
+};
+
+template <typename acc_t>
+QuantileAt<acc_t> quantile_at(int64_t n, acc_t r) {
   const acc_t position = static_cast<acc_t>(n - 1) * r;
   const acc_t lo = std::floor(position);
-  const acc_t frac = position - lo;
-  const int64_t lo_index = std::min<int64_t>(static_cast<int64_t>(lo), n - 1);
-  acc_t q_lo = 0;
-  acc_t q_hi = 0;
-  select(lo_index, &q_lo, &q_hi);
-  return frac > acc_t(0) && lo_index + 1 < n ? q_lo + frac * (q_hi - q_lo) : q_lo;
+  return {std::min<int64_t>(static_cast<int64_t>(lo), n - 1), position - lo};
+}
+
+// The quantile from the values at `at.rank` (lo) and the rank after it (hi).
+template <typename acc_t>
+acc_t interpolate(const QuantileAt<acc_t>& at, int64_t n, acc_t lo, acc_t hi) {
+  return at.frac > acc_t(0) && at.rank + 1 < n ? lo + at.frac * (hi - lo) : lo;
 }
 
 constexpr int kMaxRounds = 64;
@@ -156,6 +160,35 @@ struct Ops {
   static Vec select(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, b, a); }
   static Mask both(Mask a, Mask b) { return a & b; }
   static uint32_t bits(Mask m) { return static_cast<uint32_t>(m); }
+  // The mask whose lane i is set when bit i of `lanes` is.
+  static Mask from_bits(uint32_t lanes) { return static_cast<Mask>(lanes); }
+  // v with lane i taken from lane i ^ j (j = 1, 2, 4 or 8), by the cheapest shuffle that does it.
+  template <int j>
+  static Vec swap_lanes(Vec v) {
+    static_assert(j == 1 || j == 2 || j == 4 || j == 8);
+    if constexpr (j == 1) {
+      return _mm512_permute_ps(v, 0xB1);
+    } else if constexpr (j == 2) {
+      return _mm512_permute_ps(v, 0x4E);
+    } else if constexpr (j == 4) {
+      return _mm512_shuffle_f32x4(v, v, 0xB1);
+    } else {
+      return _mm512_shuffle_f32x4(v, v, 0x4E);
+    }
+  }
+  // Lane i of v in every lane.
+  static Vec broadcast(Vec v, int64_t i) { return _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(i)), v); }
+  static float first(Vec v) { return _mm512_cvtss_f32(v); }
+  // p[0, m) followed by `pad` in the other lanes (m <= kWidth); reads nothing past p + m.
+  static Vec load_first(const float* p, int64_t m, float pad) {
+    return _mm512_mask_loadu_ps(set1(pad), static_cast<Mask>((1u << m) - 1), p);
+  }
+  // The values at p[((2 * (first + i) + 1) * step) >> 16]: evenly spaced picks, with `step` in 16.16 fixed point.
+  static Vec gather_spaced(const float* p, int first, int32_t step) {
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i at = _mm512_add_epi32(odd, _mm512_set1_epi32(2 * first));
+    return _mm512_i32gather_ps(_mm512_srli_epi32(_mm512_mullo_epi32(at, _mm512_set1_epi32(step)), 16), p, 4);
+  }
   // Writes the lanes of v selected by m to dst[0, count) (dst needs kWidth slots) and returns count.
   static int64_t pack(float* dst, Vec v, Mask m) {
     // NOTE: compress into a register and store it whole: the compress-to-memory form is microcoded on some CPUs.
@@ -220,6 +253,36 @@ struct Ops {
   static Vec select(Mask m, Vec a, Vec b) { return _mm256_blendv_ps(b, a, m); }
   static Mask both(Mask a, Mask b) { return _mm256_and_ps(a, b); }
   static uint32_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
+  static Mask from_bits(uint32_t lanes) {
+    const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i set = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), lane_bits);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bits));
+  }
+  template <int j>
+  static Vec swap_lanes(Vec v) {
+    static_assert(j == 1 || j == 2 || j == 4);
+    if constexpr (j == 1) {
+      return _mm256_permute_ps(v, 0xB1);
+    } else if constexpr (j == 2) {
+      return _mm256_permute_ps(v, 0x4E);
+    } else {
+      return _mm256_permute2f128_ps(v, v, 0x01);
+    }
+  }
+  static Vec broadcast(Vec v, int64_t i) {
+    return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(static_cast<int>(i)));
+  }
+  static float first(Vec v) { return _mm256_cvtss_f32(v); }
+  static Vec load_first(const float* p, int64_t m, float pad) {
+    const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(set1(pad), _mm256_maskload_ps(p, inside), _mm256_castsi256_ps(inside));
+  }
+  static Vec gather_spaced(const float* p, int first, int32_t step) {
+    const __m256i odd = _mm256_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i at = _mm256_add_epi32(odd, _mm256_set1_epi32(2 * first));
+    return _mm256_i32gather_ps(p, _mm256_srli_epi32(_mm256_mullo_epi32(at, _mm256_set1_epi32(step)), 16), 4);
+  }
 
   // For each 8-bit lane mask, a permutation that moves the selected lanes to the front, in order.
   struct PackTable {
@@ -266,12 +329,6 @@ struct Ops {
 using Vec = Ops::Vec;
 using Mask = Ops::Mask;
 constexpr int64_t kWidth = Ops::kWidth;
-
-// Ranges of at least this many keys start with one two-pivot pass (see bracket()); on shorter ones its sample
-// costs more than the quickselect rounds it saves.
-constexpr int64_t kBracketFrom = 256;
-// Sample ranks between the expected place of rank k and each pivot.
-constexpr int kBracketMargin = 1;
 
 inline int64_t padded(int64_t k_len) { return (k_len + kWidth - 1) / kWidth * kWidth; }
 
@@ -343,104 +400,159 @@ inline void partition(const float* src, int64_t m, float pivot, float* less, flo
   *n_more_out = n_more;
 }
 
-// Order statistics k and k + 1 of v[0, m), m <= kWidth, by counting each value's rank; `above` stands for the
-// (k + 1)-th when k + 1 == m. v needs kWidth slots.
-inline void select_by_rank(float* v, int64_t m, int64_t k, float above, float* lo_out, float* hi_out) {
-  // A fixed trip count and selects instead of branches: the ranks depend on the data, so branches would mispredict.
-  // Padding lanes are +inf and can only ever be picked as +inf, which is then also a real value's rank.
-  std::fill(v + m, v + kWidth, kInf);
-  const Vec all = Ops::load(v);
-  const int64_t next = k + 1;
-  const bool next_inside = next < m;
-  float lo = v[0];
-  float hi = above;
-  for (int64_t i = 0; i < kWidth; ++i) {
-    const Vec x = Ops::set1(v[i]);
-    const int64_t below = __builtin_popcount(Ops::bits(Ops::lt(all, x)));
-    const int64_t at_most = __builtin_popcount(Ops::bits(Ops::le(all, x)));
-    lo = ((below <= k) & (k < at_most)) ? v[i] : lo;
-    hi = (next_inside & (below <= next) & (next < at_most)) ? v[i] : hi;
+// Bitonic sorting network over V vectors (V * kWidth values, V a power of two): v[0] ends up holding the smallest
+// kWidth values in ascending lane order, v[V - 1] the largest. Stage (k, j) compares each value with the one j places
+// away, in ascending order inside each block of k values whose index has bit k clear and descending otherwise.
+constexpr uint32_t keeps_min(int vector, int k, int j) {
+  uint32_t lanes = 0;
+  for (int i = 0; i < kWidth; ++i) {
+    const bool ascending = ((vector * kWidth + i) & k) == 0;
+    const bool first = (i & j) == 0;
+    lanes |= static_cast<uint32_t>(ascending == first) << i;
   }
-  *lo_out = lo;
-  *hi_out = hi;
+  return lanes;
 }
 
-// Values at ranks a and b of sample[0, 15) (sample[15] is +inf), by counting each value's rank.
-inline void sample_ranks(const float* sample, int a, int b, float* at_a, float* at_b) {
-  constexpr int64_t kVectors = 16 / kWidth;
-  Vec all[kVectors];
-  for (int64_t q = 0; q < kVectors; ++q) {
-    all[q] = Ops::load(sample + q * kWidth);
-  }
-  for (int i = 0; i < 15; ++i) {
-    const Vec x = Ops::set1(sample[i]);
-    int below = 0;
-    int at_most = 0;
-    for (int64_t q = 0; q < kVectors; ++q) {
-      below += __builtin_popcount(Ops::bits(Ops::lt(all[q], x)));
-      at_most += __builtin_popcount(Ops::bits(Ops::le(all[q], x)));
+template <int V, int k, int j>
+inline void bitonic_stage(Vec* v) {
+  if constexpr (j >= kWidth) {
+    // Partners sit in different vectors, and each vector's block order is the same for all its lanes.
+    for (int a = 0; a < V; ++a) {
+      const int b = a ^ (j / kWidth);
+      if (b > a) {
+        const Vec lo = Ops::min(v[a], v[b]);
+        const Vec hi = Ops::max(v[a], v[b]);
+        const bool ascending = ((a * kWidth) & k) == 0;
+        v[a] = ascending ? lo : hi;
+        v[b] = ascending ? hi : lo;
+      }
     }
-    *at_a = ((below <= a) & (a < at_most)) ? sample[i] : *at_a;
-    *at_b = ((below <= b) & (b < at_most)) ? sample[i] : *at_b;
+  } else {
+    for (int a = 0; a < V; ++a) {
+      const Vec partner = Ops::template swap_lanes<j>(v[a]);
+      v[a] = Ops::select(Ops::from_bits(keeps_min(a, k, j)), Ops::min(v[a], partner), Ops::max(v[a], partner));
+    }
+  }
+  if constexpr (j > 1) {
+    bitonic_stage<V, k, j / 2>(v);
+  } else if constexpr (k < V * kWidth) {
+    bitonic_stage<V, 2 * k, k>(v);
   }
 }
 
-// One pass with two pivots taken from a sample of 15 on either side of rank k's expected place: the values between
-// them go to `mid`. When the k-th value is among them (most rows), k becomes its rank within `mid`, `above` the
-// smallest value over the upper pivot, and the function returns true; otherwise nothing changes.
-inline bool bracket(const float* src, int64_t m, int64_t* k, float* mid, int64_t* n_mid_out, float* above) {
-  alignas(64) float sample[16];
-  // The middle of each fifteenth of the range, in 16.16 fixed point so that the loop has no division.
-  const int64_t step = (m << 16) / 30;
-  for (int64_t j = 0; j < 15; ++j) {
-    sample[j] = src[((2 * j + 1) * step) >> 16];
+template <int V>
+inline void sort_vectors(Vec* v) {
+  bitonic_stage<V, 2, 1>(v);
+}
+
+// How many of v[0, n) (n a multiple of kWidth) are below each of x0, x1 and x2 (each the same in every lane), in one
+// pass.
+inline void count_below3(const float* v, int64_t n, Vec x0, Vec x1, Vec x2, int64_t* counts) {
+  int64_t c0 = 0;
+  int64_t c1 = 0;
+  int64_t c2 = 0;
+  for (int64_t i = 0; i < n; i += kWidth) {
+    const Vec x = Ops::load(v + i);
+    c0 += __builtin_popcount(Ops::bits(Ops::lt(x, x0)));
+    c1 += __builtin_popcount(Ops::bits(Ops::lt(x, x1)));
+    c2 += __builtin_popcount(Ops::bits(Ops::lt(x, x2)));
   }
-  sample[15] = kInf;
-  const double place = static_cast<double>(*k + 1) * 16.0 / static_cast<double>(m + 1) - 1.0;
-  const int a = static_cast<int>(std::floor(place)) - kBracketMargin;
-  const int b = static_cast<int>(std::ceil(place)) + kBracketMargin;
-  if (a < 0 && b > 14) {
-    return false;
+  counts[0] = c0;
+  counts[1] = c1;
+  counts[2] = c2;
+}
+
+// Value i of V vectors, in every lane.
+template <int V>
+inline Vec value_at(const Vec* v, int64_t i) {
+  Vec value = Ops::broadcast(v[0], i & (kWidth - 1));
+  for (int a = 1; a < V; ++a) {
+    value = i / kWidth == a ? Ops::broadcast(v[a], i & (kWidth - 1)) : value;
   }
-  float lo = kNegInf;
-  float hi = kInf;
-  sample_ranks(sample, std::max(a, 0), std::min(b, 14), &lo, &hi);
-  lo = a < 0 ? kNegInf : lo;
-  hi = b > 14 ? kInf : hi;
-  const Vec lo_v = Ops::set1(lo);
-  const Vec hi_v = Ops::set1(hi);
-  Vec over_min = Ops::set1(kInf);
-  int64_t n_below = 0;
+  return value;
+}
+
+// Order statistics k and k + 1 of v[0, m), m <= V * kWidth, by sorting V vectors; `above` stands for the (k + 1)-th
+// when k + 1 == m. v needs V * kWidth slots.
+template <int V>
+inline void select_sorted(float* v, int64_t m, int64_t k, float above, float* lo_out, float* hi_out) {
+  Vec sorted[V];
+  for (int a = 0; a < V; ++a) {
+    sorted[a] = Ops::load_first(v + a * kWidth, std::clamp<int64_t>(m - a * kWidth, 0, kWidth), kInf);
+  }
+  sort_vectors<V>(sorted);
+  // Read the two values out of the registers: storing the vectors and loading one float back stalls on some CPUs.
+  *lo_out = Ops::first(value_at<V>(sorted, k));
+  *hi_out = k + 1 < m ? Ops::first(value_at<V>(sorted, k + 1)) : above;
+}
+
+// The sample that select_short() sorts: 16 values, one or two vectors. Its search quarters the candidates per pass.
+constexpr int kSample = 16;
+constexpr int kSampleVectors = kSample / kWidth;
+// select_short() computes its sample's places in 32-bit fixed point, exact for rows below this length; longer rows
+// go to quickselect directly.
+constexpr int64_t kShortLimit = int64_t{1} << 14;
+
+// Order statistics k and k + 1 of a row v[0, n) (n a multiple of kWidth, 2 * kWidth < n < kShortLimit), with no
+// data-dependent branch until the end. It sorts an evenly spaced sample of kSample values with a sorting network, then
+// finds the two neighbouring sample values that enclose rank k by a search over the sample that counts, in each pass
+// over the row, how many values lie below three probes; one last pass keeps the values between the two. When at most
+// 2 * kWidth are left it sorts them and returns true. Otherwise it returns false with `mid`, `k`, `m` and `above`
+// describing the remaining range for quickselect to finish. `mid` needs n + kWidth slots.
+inline bool select_short(const float* v, int64_t n, float* mid, int64_t* k, int64_t* m, float* above, float* lo_out,
+                         float* hi_out) {
+  static_assert(kSample == 16 && kSampleVectors * kWidth == kSample);
+  // Evenly spaced picks: the middles of kSample equal parts of the row.
+  const auto step = static_cast<int32_t>((n << 16) / (2 * kSample));
+  Vec sample[kSampleVectors];
+  for (int a = 0; a < kSampleVectors; ++a) {
+    sample[a] = Ops::gather_spaced(v, a * kWidth, step);
+  }
+  sort_vectors<kSampleVectors>(sample);
+  // The probes are the kSample - 1 smallest sample values: `taken` of them are at most the k-th value, and `below`
+  // values of the row lie under the largest of those. Two passes of three probes each: 16 candidates, then 4, then 1.
+  int taken = 0;
+  int64_t below = 0;
+  for (int quarter = kSample / 4; quarter >= 1; quarter /= 4) {
+    int64_t counts[3];
+    count_below3(v, n, value_at<kSampleVectors>(sample, taken + quarter - 1),
+                 value_at<kSampleVectors>(sample, taken + 2 * quarter - 1),
+                 value_at<kSampleVectors>(sample, taken + 3 * quarter - 1), counts);
+    const bool pass0 = counts[0] <= *k;
+    const bool pass1 = counts[1] <= *k;
+    const bool pass2 = counts[2] <= *k;
+    below = pass2 ? counts[2] : pass1 ? counts[1] : pass0 ? counts[0] : below;
+    taken += quarter * (pass0 + pass1 + pass2);
+  }
+  const Vec lo_v = taken > 0 ? value_at<kSampleVectors>(sample, taken - 1) : Ops::set1(kNegInf);
+  const Vec hi_v = taken < kSample - 1 ? value_at<kSampleVectors>(sample, taken) : Ops::set1(kInf);
+  const float hi = Ops::first(hi_v);
   int64_t n_mid = 0;
-  int64_t i = 0;
-  for (; i + kWidth <= m; i += kWidth) {
-    const Vec v = Ops::load(src + i);
-    const Mask over = Ops::gt(v, hi_v);
-    n_below += __builtin_popcount(Ops::bits(Ops::lt(v, lo_v)));
-    n_mid += Ops::pack(mid + n_mid, v, Ops::both(Ops::le(lo_v, v), Ops::le(v, hi_v)));
-    over_min = Ops::min(over_min, Ops::select(over, v, Ops::set1(kInf)));
+  for (int64_t i = 0; i < n; i += kWidth) {
+    const Vec x = Ops::load(v + i);
+    n_mid += Ops::pack(mid + n_mid, x, Ops::both(Ops::le(lo_v, x), Ops::lt(x, hi_v)));
   }
-  float over_min_tail = kInf;
-  for (; i < m; ++i) {
-    const float v = src[i];
-    n_below += v < lo;
-    mid[n_mid] = v;
-    n_mid += lo <= v && v <= hi;
-    over_min_tail = v > hi ? std::min(over_min_tail, v) : over_min_tail;
+  // hi is one of the row's values, and more than k values lie under it: it is the (k + 1)-th value when that one is
+  // not between lo and hi.
+  *k -= below;
+  *m = n_mid;
+  *above = hi;
+  if (n_mid <= kWidth) {
+    select_sorted<1>(mid, n_mid, *k, hi, lo_out, hi_out);
+    return true;
   }
-  if (*k < n_below || *k >= n_below + n_mid) {
-    return false;
+  if (n_mid <= 2 * kWidth) {
+    select_sorted<2>(mid, n_mid, *k, hi, lo_out, hi_out);
+    return true;
   }
-  *k -= n_below;
-  *n_mid_out = n_mid;
-  *above = std::min({*above, Ops::min_of(over_min), over_min_tail});
-  return true;
+  return false;
 }
 
-// Order statistics k and k + 1 (0-based) of values[0, n), which holds no NaN; the (k + 1)-th is +inf when k + 1 == n.
-// Rows of kBracketFrom keys or more start with one two-pivot pass (bracket()); then quickselect with vector
-// partitions and a pivot aimed at rank k (the element at k's relative rank in a sorted sample of seven), and a
-// branch-free count of ranks once the range fits in one vector.
+// Order statistics k and k + 1 (0-based) of values[0, n) (n a multiple of kWidth), which holds no NaN; the (k + 1)-th
+// is +inf when k + 1 == n. Rows of up to two vectors are sorted whole; longer ones go through select_short(). In the
+// rare rows where that leaves more than two vectors' worth, and in rows of kShortLimit keys or more, quickselect
+// finishes: vector partitions around a pivot aimed at rank k (the element at k's relative rank in a sorted sample of
+// seven) until one vector is left, which is sorted.
 // `values`, `spare_a` and `spare_b` each hold n + kWidth slots and are overwritten.
 inline void select_pair(float* values, float* spare_a, float* spare_b, int64_t n, int64_t k, float* lo_out,
                         float* hi_out) {
@@ -449,8 +561,18 @@ inline void select_pair(float* values, float* spare_a, float* spare_b, int64_t n
   int64_t m = n;
   // The smallest value known to lie above the active range (the (k + 1)-th when k ends up last).
   float above = kInf;
-  // Long rows: one two-pivot pass first, which keeps about a fifth of the range in most rows.
-  if (m >= kBracketFrom && bracket(cur, m, &k, spare_a, &m, &above)) {
+  if (m <= kWidth) {
+    select_sorted<1>(cur, m, k, above, lo_out, hi_out);
+    return;
+  }
+  if (m <= 2 * kWidth) {
+    select_sorted<2>(cur, m, k, above, lo_out, hi_out);
+    return;
+  }
+  if (m < kShortLimit) {
+    if (select_short(cur, m, spare_a, &k, &m, &above, lo_out, hi_out)) {
+      return;
+    }
     cur = spare_a;
   }
   int rounds = 0;
@@ -483,7 +605,7 @@ inline void select_pair(float* values, float* spare_a, float* spare_b, int64_t n
       return;
     }
   }
-  select_by_rank(cur, m, k, above, lo_out, hi_out);
+  select_sorted<1>(cur, m, k, above, lo_out, hi_out);
 }
 
 // Per-thread scratch: `count` float rows of the padded length plus one vector of slack each.
@@ -525,13 +647,11 @@ void forward_rows(const scalar_t* x, const float* r, scalar_t* out, float* stats
         top_v = Ops::max(Ops::load(xr + i), top_v);
       }
       const float top = Ops::max_of(top_v);
+      // Scanned backwards without an early exit, whose place would vary from row to row and mispredict.
       int64_t top_index = 0;
-      for (int64_t i = 0; i < width; i += kWidth) {
+      for (int64_t i = width - kWidth; i >= 0; i -= kWidth) {
         const uint32_t hit = Ops::bits(Ops::eq(Ops::load(xr + i), Ops::set1(top)));
-        if (hit != 0) {
-          top_index = i + __builtin_ctz(hit);
-          break;
-        }
+        top_index = hit != 0 ? i + __builtin_ctz(hit) : top_index;
       }
       top_index = top_index < k_len ? top_index : 0;
       const bool finite_top = std::isfinite(top);
@@ -550,10 +670,16 @@ void forward_rows(const scalar_t* x, const float* r, scalar_t* out, float* stats
         n += __builtin_popcount(Ops::bits(keep));
       }
 
-      // The r-quantile of the unmasked z's: their ranks sit above the width - n masked keys at -inf.
-      const float quantile = rsoft_select::interpolated_quantile(n, r[row], [&](int64_t rank, float* lo, float* hi) {
-        select_pair(sel, spare_a, spare_b, width, rank + (width - n), lo, hi);
-      });
+      // The r-quantile of the unmasked z's (0 when there are none): their ranks sit above the width - n masked keys
+      // at -inf.
+      float quantile = 0.0f;
+      if (n > 0) {
+        const auto at = rsoft_select::quantile_at(n, r[row]);
+        float lo = 0.0f;
+        float hi = 0.0f;
+        select_pair(sel, spare_a, spare_b, width, at.rank + (width - n), &lo, &hi);
+        quantile = rsoft_select::interpolate(at, n, lo, hi);
+      }
       const float t = -quantile + eps;
 
       // Pass 3: weights times exponentials and their sum; pass 4: normalisation.
