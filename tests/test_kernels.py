@@ -274,6 +274,28 @@ def test_threshold_is_the_exact_interpolated_quantile(k_len):
         assert abs(float(stats[row, 1]) - (eps - float(quantile))) <= 1e-6 * float(scale), (row, float(r[row]))
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("k_len", [17, 48, 100, 128, 300])
+def test_rows_with_infinite_scores_match_the_reference_path(k_len):
+    # A +inf score (a float16 overflow, say) makes its row NaN on every path, wherever it sits relative to the keys
+    # the selection samples; -inf keys are masked.
+    gen = torch.Generator().manual_seed(k_len)
+    x = torch.randn(7, k_len, generator=gen)
+    x[0, 0::3] = math.inf
+    x[1, 1] = math.inf
+    x[2] = math.inf
+    x[3, 1::2] = -math.inf
+    x[3, 0::5] = math.inf
+    x[4, -1] = math.inf
+    x[5, 2::4] = math.inf
+    x[6, 1::2] = -math.inf
+    for r in (0.0, 0.5, 0.99, 1.0):
+        fused = r_softmax(x, r, backend="cpu")
+        ref = r_softmax(x, r, backend="torch")
+        assert torch.equal(fused.isnan(), ref.isnan()), r
+        torch.testing.assert_close(fused.nan_to_num(), ref.nan_to_num(), atol=1e-6, rtol=0)
+
+
 ISA_CHECK = "from rsoft_nlp.kernels import cpu; print(cpu.describe())"
 
 
@@ -293,7 +315,14 @@ def test_every_instruction_set_build_passes_the_kernel_tests(isa):
     if isa == cpu.supported_isas()[0]:
         return  # the default build, which the rest of this file already tests
     selection = " or ".join(
-        ["properties_and_paths_agree", "attention_length_rows", "exact_interpolated_quantile", "jacobian", "edge_rows"]
+        [
+            "properties_and_paths_agree",
+            "attention_length_rows",
+            "exact_interpolated_quantile",
+            "infinite_scores",
+            "jacobian",
+            "edge_rows",
+        ]
     )
     done = run_pytest(env, __file__, "-k", selection)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -159,6 +159,7 @@ struct Ops {
   // m ? a : b
   static Vec select(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m, b, a); }
   static Mask both(Mask a, Mask b) { return a & b; }
+  static Mask either(Mask a, Mask b) { return a | b; }
   static uint32_t bits(Mask m) { return static_cast<uint32_t>(m); }
   // The mask whose lane i is set when bit i of `lanes` is.
   static Mask from_bits(uint32_t lanes) { return static_cast<Mask>(lanes); }
@@ -252,6 +253,7 @@ struct Ops {
   static Mask unord(Vec a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
   static Vec select(Mask m, Vec a, Vec b) { return _mm256_blendv_ps(b, a, m); }
   static Mask both(Mask a, Mask b) { return _mm256_and_ps(a, b); }
+  static Mask either(Mask a, Mask b) { return _mm256_or_ps(a, b); }
   static uint32_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
   static Mask from_bits(uint32_t lanes) {
     const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -472,8 +474,8 @@ inline Vec value_at(const Vec* v, int64_t i) {
   return value;
 }
 
-// Order statistics k and k + 1 of v[0, m), m <= V * kWidth, by sorting V vectors; `above` stands for the (k + 1)-th
-// when k + 1 == m. v needs V * kWidth slots.
+// Order statistics k and k + 1 of v[0, m), k < m <= V * kWidth, by sorting V vectors; `above` stands for the
+// (k + 1)-th when k + 1 == m.
 template <int V>
 inline void select_sorted(float* v, int64_t m, int64_t k, float above, float* lo_out, float* hi_out) {
   Vec sorted[V];
@@ -489,8 +491,8 @@ inline void select_sorted(float* v, int64_t m, int64_t k, float above, float* lo
 // The sample that select_short() sorts: 16 values, one or two vectors. Its search quarters the candidates per pass.
 constexpr int kSample = 16;
 constexpr int kSampleVectors = kSample / kWidth;
-// select_short() computes its sample's places in 32-bit fixed point, exact for rows below this length; longer rows
-// go to quickselect directly.
+// select_short() computes its sample's places in 32-bit fixed point, which stays far from overflow for rows below
+// this length; longer rows go to quickselect directly.
 constexpr int64_t kShortLimit = int64_t{1} << 14;
 
 // Order statistics k and k + 1 of a row v[0, n) (n a multiple of kWidth, 2 * kWidth < n < kShortLimit), with no
@@ -524,16 +526,21 @@ inline bool select_short(const float* v, int64_t n, float* mid, int64_t* k, int6
     below = pass2 ? counts[2] : pass1 ? counts[1] : pass0 ? counts[0] : below;
     taken += quarter * (pass0 + pass1 + pass2);
   }
+  // The keys from lo up to below hi, where hi is the next sample value; when every probe passed there is no upper
+  // bound (and +inf keys belong to the range too).
+  const bool bounded = taken < kSample - 1;
   const Vec lo_v = taken > 0 ? value_at<kSampleVectors>(sample, taken - 1) : Ops::set1(kNegInf);
-  const Vec hi_v = taken < kSample - 1 ? value_at<kSampleVectors>(sample, taken) : Ops::set1(kInf);
+  const Vec hi_v = bounded ? value_at<kSampleVectors>(sample, taken) : Ops::set1(kInf);
+  const Mask unbounded = Ops::from_bits(bounded ? 0u : (1u << kWidth) - 1);
   const float hi = Ops::first(hi_v);
   int64_t n_mid = 0;
   for (int64_t i = 0; i < n; i += kWidth) {
     const Vec x = Ops::load(v + i);
-    n_mid += Ops::pack(mid + n_mid, x, Ops::both(Ops::le(lo_v, x), Ops::lt(x, hi_v)));
+    n_mid += Ops::pack(mid + n_mid, x, Ops::both(Ops::le(lo_v, x), Ops::either(Ops::lt(x, hi_v), unbounded)));
   }
-  // hi is one of the row's values, and more than k values lie under it: it is the (k + 1)-th value when that one is
-  // not between lo and hi.
+  // A bounded hi is one of the row's values with more than k values under it: it is the (k + 1)-th value when that
+  // one is not between lo and hi. Unbounded, the range runs to the end of the row, and hi = +inf stands for the
+  // (k + 1)-th only when k is the last rank.
   *k -= below;
   *m = n_mid;
   *above = hi;
@@ -548,11 +555,11 @@ inline bool select_short(const float* v, int64_t n, float* mid, int64_t* k, int6
   return false;
 }
 
-// Order statistics k and k + 1 (0-based) of values[0, n) (n a multiple of kWidth), which holds no NaN; the (k + 1)-th
-// is +inf when k + 1 == n. Rows of up to two vectors are sorted whole; longer ones go through select_short(). In the
-// rare rows where that leaves more than two vectors' worth, and in rows of kShortLimit keys or more, quickselect
-// finishes: vector partitions around a pivot aimed at rank k (the element at k's relative rank in a sorted sample of
-// seven) until one vector is left, which is sorted.
+// Order statistics k and k + 1 (0-based) of values[0, n) (n a multiple of kWidth), which holds no NaN but may hold
+// infinities; the (k + 1)-th is +inf when k + 1 == n. Rows of up to two vectors are sorted whole; longer ones go
+// through select_short(). In the rare rows where that leaves more than two vectors' worth, and in rows of kShortLimit
+// keys or more, quickselect finishes: vector partitions around a pivot aimed at rank k (the element at k's relative
+// rank in a sorted sample of seven) until one vector is left, which is sorted.
 // `values`, `spare_a` and `spare_b` each hold n + kWidth slots and are overwritten.
 inline void select_pair(float* values, float* spare_a, float* spare_b, int64_t n, int64_t k, float* lo_out,
                         float* hi_out) {
