@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.memory_child is not None:
         memory_child(args.memory_child)
         return
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
 
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     rates = [0.5] if args.quick else [0.2, 0.5]
-    repeats = args.repeats or (3 if args.quick else 4)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 4)
     budget_s = 2.0 if args.quick else 3.0
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})

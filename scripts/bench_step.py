@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         help="keep: reuse freed memory so no variant is timed faulting in fresh pages (default); system: C defaults",
     )
     args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or any(name not in ("minilm", "bert-base") for name in models):
+        parser.error(f"--models must list minilm and/or bert-base, comma-separated, got {args.models!r}")
+    if not 0.0 <= args.r <= 1.0:
+        parser.error(f"--r must lie in [0, 1], got {args.r}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 2 <= args.length <= 512:
+        parser.error(f"--length must lie in [2, 512] (the models' position limit), got {args.length}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     transformers.logging.set_verbosity_error()
     heap_note = bench_heap.apply(args.heap)
@@ -165,9 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "| model | variant | timed steps | median s/step | x eager softmax |",
         "|---|---|---|---|---|",
     ]
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if name not in ("minilm", "bert-base"):
-            raise ValueError(f"`--models` must list minilm and/or bert-base, got {name!r}")
+    for name in models:
         repeats = (1 if name == "bert-base" else 2) if args.quick else (3 if name == "bert-base" else 5)
         medians = time_model(name, repeats, args.batch_size, args.length)
         base = medians["softmax eager"]

@@ -65,3 +65,22 @@ def test_bench_rsoftmax_writes_its_table(tmp_path, monkeypatch):
 def test_heap_choice_is_checked():
     with pytest.raises(ValueError, match="--heap must be one of keep, system, got 'mmap'"):
         load("bench_heap").apply("mmap")
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("bench_rsoftmax", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        ("bench_step", ["--r", "1.5"], "--r must lie in [0, 1], got 1.5"),
+        ("bench_step", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ("bench_step", ["--length", "600"], "--length must lie in [2, 512]"),
+        ("bench_step", ["--models", "minilm,gpt"], "--models must list minilm and/or bert-base"),
+        ("bench_step", ["--heap", "mmap"], "argument --heap: invalid choice: 'mmap'"),
+    ],
+)
+def test_bad_benchmark_flags_are_refused_before_any_work(script, args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        load(script).main([*args, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
