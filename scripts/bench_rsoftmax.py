@@ -2,14 +2,16 @@
 
 Times forward and forward+backward on attention-shaped scores ``(batch, heads, q_len, k_len)`` where half of the batch
 is padded (20-40% of the keys, additive ``finfo.min`` mask), in float32 and bf16, with one thread and with all of
-them. Candidates are interleaved call by call within one process after warming up until the heap settles (a round of
-calls that faults in almost no fresh pages, at most 10 rounds); the table reports medians, page faults and the
+them. Candidates are interleaved call by call within one process after warming up until the heap settles (at least
+3 rounds of calls, then until a round faults in almost no fresh pages, at most 10); the table reports medians, page
+faults and the
 ratio to ``torch.softmax``. Peak extra memory of one forward call is the growth of the resident set (Linux ``VmHWM``
 after a reset, minus ``VmRSS``) in a child process where every large allocation is mmap-backed; it includes the
 output and the fused kernel's per-thread scratch.
 
-Timed runs keep freed memory in the process by default (``--heap keep``, see ``bench_heap.py``), so that no candidate
-is timed faulting in freshly mapped pages; ``--heap system`` times with the C library's defaults.
+Timed runs keep freed memory in the process by default (``--heap keep``, see ``bench_common.py``), so that once the
+heap has settled no candidate is timed faulting in freshly mapped pages; ``--heap system`` times with the C library's
+defaults.
 
 Usage::
 
@@ -28,11 +30,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import bench_heap
+import bench_common
 import torch
 
 from rsoft_nlp import r_softmax
@@ -44,7 +47,9 @@ logger = logging.getLogger("bench_rsoftmax")
 FULL_SHAPES = [(4, 12, 64, 64), (8, 12, 128, 128), (32, 12, 128, 128), (8, 12, 512, 512)]
 QUICK_SHAPES = [(4, 12, 64, 64), (8, 12, 128, 128)]
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
-# Warm-up rounds stop once a whole round faults in fewer fresh pages than this, or after WARMUP_ROUNDS.
+# Warm-up rounds stop once a whole round, from round MIN_WARMUP_ROUNDS on, faults in fewer fresh pages than
+# SETTLED_FAULTS, or after WARMUP_ROUNDS.
+MIN_WARMUP_ROUNDS = 3
 WARMUP_ROUNDS = 10
 SETTLED_FAULTS = 256
 # torch.quantile refuses inputs with more than 2**24 elements.
@@ -126,8 +131,8 @@ def time_interleaved(
     leaf = x.detach().clone().requires_grad_(backward)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype) if backward else None
     times: dict[str, list[tuple[float, float, int]]] = {name: [] for name in fns}
-    # Warm up until the heap has settled (a round that faults in almost no fresh pages), at most WARMUP_ROUNDS
-    # rounds; candidates slower than a second per call warm up once.
+    # Warm up until the heap has settled (a round, after the first MIN_WARMUP_ROUNDS - 1, that faults in almost no
+    # fresh pages), at most WARMUP_ROUNDS rounds; candidates slower than a second per call warm up once.
     slow: set[str] = set()
     for round_index in range(WARMUP_ROUNDS):
         fresh = 0
@@ -138,7 +143,7 @@ def time_interleaved(
             fresh += faults
             if wall > 1.0:
                 slow.add(name)
-        if fresh < SETTLED_FAULTS:
+        if round_index + 1 >= MIN_WARMUP_ROUNDS and fresh < SETTLED_FAULTS:
             break
     for round_index in range(repeats):
         for name, fn in fns.items():
@@ -230,22 +235,25 @@ def write_plot(rows: list[dict], path: Path) -> None:
         ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))], shapes, rotation=15)
         ax.set_ylabel("time / softmax time (" + ("CPU time" if thread_count == 1 else "wall clock") + ")")
         ax.set_title(f"float32 forward+backward, r=0.5, {thread_count} thread(s)")
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Written beside the target and renamed into place, so that a failed run leaves an earlier plot whole.
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
+    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
     parser.add_argument("--quick", action="store_true", help="two small shapes, r=0.5 only, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration")
     parser.add_argument(
         "--heap",
-        choices=bench_heap.HEAP_CHOICES,
+        choices=bench_common.HEAP_CHOICES,
         default="keep",
-        help="keep: reuse freed memory so no candidate is timed faulting in fresh pages (default); system: C defaults",
+        help="keep: reuse freed memory, so settled calls fault in no fresh pages (default); system: C defaults",
     )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -254,8 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child is not None:
         memory_child(args.memory_child)
         return
+    bench_common.check_output_folder(parser, args.out)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    heap_note = bench_heap.apply(args.heap)
+    heap_note = bench_common.apply_heap(args.heap)
     logger.info(heap_note)
 
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -264,7 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     budget_s = 2.0 if args.quick else 3.0
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads})
-    args.out.mkdir(parents=True, exist_ok=True)
     if cpu.missing_reason() is not None:
         logger.warning("fused CPU kernel unavailable: %s", cpu.missing_reason())
 
@@ -323,13 +331,14 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"torch {torch.__version__}, {all_threads} threads available, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {'quick' if args.quick else 'full'} run, "
-        f"median of up to {repeats} interleaved calls after warming up until the heap settles (at most "
+        f"median of up to {repeats} interleaved calls after warming up until the heap settles ({MIN_WARMUP_ROUNDS} to "
         f"{WARMUP_ROUNDS} rounds; slow candidates: one warm-up, at least 2 timed calls).",
         "Scores: randn * 2, half of the batch padded over 20-40% of the keys with an additive finfo.min mask.",
-        f"{heap_note[0].upper()}{heap_note[1:]} (`--heap`).",
+        heap_note,
         "",
         "Wall: median wall-clock time. CPU: median process CPU time (all threads together); on a shared machine the "
-        "one-thread CPU-time ratio is the steadier figure, wall time is what a user waits.",
+        "one-thread CPU-time ratio is the steadier figure, wall time is what a user waits. With several threads the "
+        "CPU time also counts worker threads spinning while they wait for work, so compare wall time there.",
         "",
         "Faults: median page faults per call (a fresh 4 KiB page each); a 25 MB output that lands on fresh pages "
         "costs about 6,000.",

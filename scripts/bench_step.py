@@ -10,7 +10,8 @@ the eager softmax step.
 r-softmax is swapped in through an attention function registered with transformers' ``AttentionInterface`` (and the
 eager mask function, so the padding mask reaches it), independent of the package's own model patching.
 
-Like ``bench_rsoftmax.py``, it keeps freed memory in the process by default (``--heap keep``, see ``bench_heap.py``).
+Like ``bench_rsoftmax.py``, it keeps freed memory in the process by default (``--heap keep``, see
+``bench_common.py``).
 
 Usage::
 
@@ -26,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-import bench_heap
+import bench_common
 import torch
 import transformers
 from torch import nn
@@ -130,7 +131,7 @@ def time_model(name: str, repeats: int, size: int, length: int) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="MiniLM with 2 timed steps, BERT-base with 1")
     parser.add_argument("--models", default="minilm,bert-base", help="comma-separated: minilm, bert-base")
     parser.add_argument("--r", type=float, default=0.5, help="sparsity rate of r-softmax (default 0.5)")
@@ -139,14 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
     parser.add_argument(
         "--heap",
-        choices=bench_heap.HEAP_CHOICES,
+        choices=bench_common.HEAP_CHOICES,
         default="keep",
-        help="keep: reuse freed memory so no variant is timed faulting in fresh pages (default); system: C defaults",
+        help="keep: reuse freed memory, so settled steps fault in no fresh pages (default); system: C defaults",
     )
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or any(name not in ("minilm", "bert-base") for name in models):
-        parser.error(f"--models must list minilm and/or bert-base, comma-separated, got {args.models!r}")
+    if not models or any(name not in ("minilm", "bert-base") for name in models) or len(set(models)) < len(models):
+        parser.error(f"--models must list minilm and/or bert-base once each, comma-separated, got {args.models!r}")
     if not 0.0 <= args.r <= 1.0:
         parser.error(f"--r must lie in [0, 1], got {args.r}")
     if args.batch_size < 1:
@@ -155,13 +156,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--length must lie in [2, 512] (the models' position limit), got {args.length}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     transformers.logging.set_verbosity_error()
-    heap_note = bench_heap.apply(args.heap)
+    bench_common.check_output_folder(parser, args.out)
+    heap_note = bench_common.apply_heap(args.heap)
     logger.info(heap_note)
 
     transformers.AttentionInterface.register(ATTENTION_NAME, rsoftmax_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
     SETTINGS["r"] = args.r
-    args.out.mkdir(parents=True, exist_ok=True)
 
     lines = [
         "# Training-step benchmark",
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"batch {args.batch_size} x {args.length} tokens (half of the batch padded 20-40%), r={args.r}, AdamW, "
         "train mode (dropout on). Median of the timed steps after one warm-up step per variant, interleaved.",
-        f"{heap_note[0].upper()}{heap_note[1:]} (`--heap`).",
+        heap_note,
         "",
         "| model | variant | timed steps | median s/step | x eager softmax |",
         "|---|---|---|---|---|",

@@ -13,8 +13,8 @@ KEEP_CHECK = textwrap.dedent(
     """
     import resource, sys, torch
     sys.path.insert(0, sys.argv[1])
-    import bench_heap
-    print(bench_heap.apply("keep"))
+    import bench_common
+    print(bench_common.apply_heap("keep"))
     x = torch.randn(8 * 12 * 512, 512)  # 100 MB: glibc maps blocks this large afresh for every call by default
     faults = []
     for _ in range(15):
@@ -55,6 +55,8 @@ def test_bench_rsoftmax_writes_its_table(tmp_path, monkeypatch):
     bench.main(["--quick", "--repeats", "1", "--heap", "system", "--out", str(tmp_path)])
     table = (tmp_path / "bench_rsoftmax.md").read_text()
     assert "C library's defaults" in table
+    assert (tmp_path / "bench_rsoftmax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("tmp*"))
     rows = [line for line in table.splitlines() if line.startswith("| 2x2x8x24 |")]
     candidates = {line.split(" | ")[4] for line in rows}
     assert {"softmax", "rsoftmax[torch]"} <= candidates
@@ -62,9 +64,22 @@ def test_bench_rsoftmax_writes_its_table(tmp_path, monkeypatch):
     torch.set_num_threads(torch.get_num_threads())
 
 
+@pytest.mark.parametrize("script", ["bench_rsoftmax", "bench_step"])
+def test_output_folder_is_checked_before_any_work(script, tmp_path, capsys):
+    a_file = tmp_path / "report"
+    a_file.write_text("kept")
+    with pytest.raises(SystemExit):
+        load(script).main(["--out", str(a_file)])
+    assert f"--out must be a folder, got {str(a_file)!r}, which is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "kept"
+    with pytest.raises(SystemExit):
+        load(script).main(["--out", str(a_file / "below")])
+    assert "--out must be a folder" in capsys.readouterr().err
+
+
 def test_heap_choice_is_checked():
     with pytest.raises(ValueError, match="--heap must be one of keep, system, got 'mmap'"):
-        load("bench_heap").apply("mmap")
+        load("bench_common").apply_heap("mmap")
 
 
 @pytest.mark.parametrize(
@@ -75,6 +90,8 @@ def test_heap_choice_is_checked():
         ("bench_step", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         ("bench_step", ["--length", "600"], "--length must lie in [2, 512]"),
         ("bench_step", ["--models", "minilm,gpt"], "--models must list minilm and/or bert-base"),
+        ("bench_step", ["--models", "minilm,,minilm"], "once each"),
+        ("bench_rsoftmax", ["--r", "0.3"], "unrecognized arguments: --r"),
         ("bench_step", ["--heap", "mmap"], "argument --heap: invalid choice: 'mmap'"),
     ],
 )
