@@ -31,6 +31,7 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "save_pretrained_atomic",
+    "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -56,13 +57,18 @@ def use_default_permissions(path: Path) -> None:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path`` and renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        handle.write(text)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(data)
     use_default_permissions(Path(handle.name))
     os.replace(handle.name, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` as UTF-8 to a temporary file beside ``path`` and renames it into place."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _finite_or_none(data: Any) -> Any:

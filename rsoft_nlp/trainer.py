@@ -323,8 +323,19 @@ class _Run:
     def resume_settings(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         cfg = self.cfg
-        keys = ("task", "model", "r", "layers", "peft", "epochs", "batch_size", "grad_accum", "max_length", "seed")
-        keys += ("max_train_samples",)
+        keys = (
+            "task",
+            "model",
+            "r",
+            "layers",
+            "peft",
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "seed",
+            "max_train_samples",
+        )
         return {key: getattr(cfg, key) for key in keys} | {"processes": self.accelerator.num_processes}
 
     def elapsed(self) -> float:

@@ -4,10 +4,9 @@ Times forward and forward+backward on attention-shaped scores ``(batch, heads, q
 is padded (20-40% of the keys, additive ``finfo.min`` mask), in float32 and bf16, with one thread and with all of
 them. Candidates are interleaved call by call within one process after warming up until the heap settles (at least
 3 rounds of calls, then until a round faults in almost no fresh pages, at most 10); the table reports medians, page
-faults and the
-ratio to ``torch.softmax``. Peak extra memory of one forward call is the growth of the resident set (Linux ``VmHWM``
-after a reset, minus ``VmRSS``) in a child process where every large allocation is mmap-backed; it includes the
-output and the fused kernel's per-thread scratch.
+faults and the ratio to ``torch.softmax``. Peak extra memory of one forward call is the growth of the resident set
+(Linux ``VmHWM`` after a reset, minus ``VmRSS``) in a child process where every large allocation is mmap-backed; it
+includes the output and the fused kernel's per-thread scratch.
 
 Timed runs keep freed memory in the process by default (``--heap keep``, see ``bench_common.py``), so that once the
 heap has settled no candidate is timed faulting in freshly mapped pages; ``--heap system`` times with the C library's
@@ -24,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import logging
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +38,13 @@ import bench_common
 import torch
 
 from rsoft_nlp import r_softmax
-from rsoft_nlp.checkpointing import write_text_atomic
+from rsoft_nlp.checkpointing import write_bytes_atomic, write_text_atomic
 from rsoft_nlp.kernels import cpu
+
+try:
+    import resource  # Unix only: page-fault counts
+except ImportError:
+    resource = None
 
 logger = logging.getLogger("bench_rsoftmax")
 
@@ -101,11 +105,7 @@ def candidates(r: float, shape: tuple[int, ...]) -> dict[str, Callable[[torch.Te
 
 def minor_faults() -> int:
     """Page faults this process has served without disk I/O so far (0 where ``resource`` is missing)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_once(
@@ -237,11 +237,10 @@ def write_plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"float32 forward+backward, r=0.5, {thread_count} thread(s)")
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    # Written beside the target and renamed into place, so that a failed run leaves an earlier plot whole.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
-        fig.savefig(handle, format="png", dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    os.replace(handle.name, path)
+    write_bytes_atomic(path, image.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
 import importlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,11 @@ def test_bench_rsoftmax_writes_its_table(tmp_path, monkeypatch):
     table = (tmp_path / "bench_rsoftmax.md").read_text()
     assert "C library's defaults" in table
     assert (tmp_path / "bench_rsoftmax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Both reports get the permissions a plain write would give, not those of the private temporary file.
+    modes = {(tmp_path / name).stat().st_mode & 0o777 for name in ("bench_rsoftmax.md", "bench_rsoftmax.png")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {0o666 & ~umask}
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("tmp*"))
     rows = [line for line in table.splitlines() if line.startswith("| 2x2x8x24 |")]
     candidates = {line.split(" | ")[4] for line in rows}

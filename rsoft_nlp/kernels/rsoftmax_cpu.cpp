@@ -29,7 +29,6 @@
 #include <type_traits>
 #include <vector>
 
-
 namespace {
 
 // exp for float32 with a branch-free body that the compiler vectorises. Relative error is about 1 ulp; results
@@ -317,8 +316,8 @@ std::vector<torch::Tensor> forward(const torch::Tensor& scores, const torch::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rsoftmax_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     run_forward<scalar_t, acc_t>(x.data_ptr<scalar_t>(), rates.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
-                                  stats.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), x.size(0), x.size(1),
-                                  static_cast<acc_t>(eps));
+                                 stats.data_ptr<acc_t>(), argmax.data_ptr<int64_t>(), x.size(0), x.size(1),
+                                 static_cast<acc_t>(eps));
   });
   return {out, stats, argmax};
 }
@@ -337,7 +336,7 @@ torch::Tensor backward(const torch::Tensor& grad, const torch::Tensor& scores, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rsoftmax_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     run_backward<scalar_t, acc_t>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), state.data_ptr<acc_t>(),
-                                   top.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), x.size(0), x.size(1));
+                                  top.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), x.size(0), x.size(1));
   });
   return grad_x;
 }

@@ -198,7 +198,6 @@ struct Ops {
   }
   static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
   static float max_of(Vec v) { return _mm512_reduce_max_ps(v); }
-  static float min_of(Vec v) { return _mm512_reduce_min_ps(v); }
 };
 #else
 struct Ops {
@@ -319,11 +318,6 @@ struct Ops {
     const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-  }
-  static float min_of(Vec v) {
-    const __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 t = _mm_min_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_min_ss(t, _mm_movehdup_ps(t)));
   }
 };
 #endif
